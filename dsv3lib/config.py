@@ -1,0 +1,281 @@
+"""Model configuration: one documented dataclass, presets as data (chapter 0).
+
+Field names follow DeepSeek's official inference code (``inference/model.py``, ``ModelArgs``) so the code
+can be read side by side with it; :meth:`ModelConfig.from_hf_config` / :meth:`ModelConfig.to_hf_config`
+translate to and from the Hugging Face ``config.json`` of ``deepseek-ai/DeepSeek-V3``.
+
+Every inconsistent value raises ``ValueError`` in ``__post_init__`` with the field's name first, so a
+bad config fails when it is built, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ModelConfig", "PRESETS"]
+
+_SCORE_FUNCS = ("sigmoid", "softmax")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a DeepSeek-V3-style model.
+
+    Read with paper arXiv 2412.19437 (V3) §2 and §4.2. Derived quantities are properties
+    (``qk_head_dim``, ``n_moe_layers``, ``yarn_active``, ``softmax_scale``).
+    """
+
+    # vocabulary and sequence
+    vocab_size: int = 256
+    max_seq_len: int = 256  # longest sequence the model accepts (RoPE table length)
+
+    # trunk
+    dim: int = 128  # hidden size d
+    inter_dim: int = 384  # hidden width of the dense SwiGLU FFN (first n_dense_layers layers)
+    n_layers: int = 4
+    n_dense_layers: int = 1  # the first n_dense_layers use a dense FFN, the rest MoE
+    norm_eps: float = 1e-6
+
+    # mla (V3 §2.1.1)
+    n_heads: int = 4
+    q_lora_rank: int = 64  # 0 = no query compression (DeepSeek-V2-Lite style wq)
+    kv_lora_rank: int = 64  # d_c: the joint KV latent that inference caches
+    qk_nope_head_dim: int = 32  # per-head query/key part without RoPE
+    qk_rope_head_dim: int = 16  # decoupled RoPE part (one key shared by all heads)
+    v_head_dim: int = 32
+
+    # moe (V3 §2.1.2)
+    moe_inter_dim: int = 64  # hidden width of each routed/shared expert
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4  # K_r, routed experts per token
+    n_expert_groups: int = 4  # groups (≙ nodes) the routed experts are split into
+    n_limited_groups: int = 2  # groups a token may reach (node-limited routing)
+    score_func: str = "sigmoid"  # V3: sigmoid; V2: softmax
+    route_scale: float = 1.0  # multiplies the normalised routing weights (V3 code: 2.5)
+    norm_topk_prob: bool = True  # normalise the selected weights to sum to 1 before route_scale
+
+    # rope / yarn (V3 §4.3; applied to the decoupled RoPE dims only)
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0  # YaRN scale s
+    original_seq_len: int = 4096  # context the base model was trained on; YaRN is active beyond it
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0  # YaRN attention-temperature coefficient: m = 0.1·mscale·ln(s) + 1
+
+    # mtp (V3 §2.2)
+    n_mtp_modules: int = 1  # depth D of multi-token prediction (0 = none)
+
+    # initialisation
+    init_std: float = 0.02  # V3 §4.2 uses 0.006 at d=7168 (HF's initializer_range=0.02 is not it)
+    tie_embeddings: bool = False  # V3 keeps embedding and output head separate
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: no-RoPE part + RoPE part (V3: 128 + 64 = 192)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_expert_groups
+
+    @property
+    def yarn_active(self) -> bool:
+        """YaRN rescales RoPE only when the model must run past its original context (official code)."""
+        return self.max_seq_len > self.original_seq_len
+
+    @property
+    def yarn_mscale(self) -> float:
+        """m = 0.1·mscale·ln(s) + 1 if YaRN is active, else 1 (V3 §4.3: √t = 0.1 ln s + 1)."""
+        if not self.yarn_active or self.rope_factor <= 1:
+            return 1.0
+        return 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention logit scale 1/√(qk_head_dim), times m² under YaRN (V3: 1/√192 · 1.3689² ≈ 0.13523)."""
+        return self.qk_head_dim**-0.5 * self.yarn_mscale**2
+
+    # --------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        positive = [
+            "vocab_size", "max_seq_len", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len", "beta_fast",
+            "beta_slow",
+        ]
+        for name in positive:
+            _check_int(self, name, minimum=1)
+        for name in ["n_dense_layers", "q_lora_rank", "n_shared_experts", "n_mtp_modules"]:
+            _check_int(self, name, minimum=0)
+        for name in ["norm_eps", "rope_theta", "rope_factor", "route_scale", "init_std", "mscale"]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(f"n_dense_layers: {self.n_dense_layers} exceeds n_layers={self.n_layers}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim: must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.beta_slow > self.beta_fast:
+            raise ValueError(f"beta_slow: {self.beta_slow} must not exceed beta_fast={self.beta_fast}")
+        if self.score_func not in _SCORE_FUNCS:
+            raise ValueError(f"score_func: must be one of {_SCORE_FUNCS}, got {self.score_func!r}")
+        if self.n_moe_layers > 0 or self.n_mtp_modules > 0:  # MTP blocks are MoE blocks too
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ["moe_inter_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                     "n_limited_groups"]:
+            _check_int(self, name, minimum=1)
+        if self.n_activated_experts > self.n_routed_experts:
+            raise ValueError(f"n_activated_experts: {self.n_activated_experts} exceeds "
+                             f"n_routed_experts={self.n_routed_experts}")
+        if self.n_routed_experts % self.n_expert_groups:
+            raise ValueError(f"n_expert_groups: n_routed_experts={self.n_routed_experts} is not divisible "
+                             f"into {self.n_expert_groups} groups")
+        if self.n_limited_groups > self.n_expert_groups:
+            raise ValueError(f"n_limited_groups: {self.n_limited_groups} exceeds "
+                             f"n_expert_groups={self.n_expert_groups}")
+        reachable = self.n_limited_groups * self.experts_per_group
+        if self.n_activated_experts > reachable:
+            raise ValueError(f"n_activated_experts: {self.n_activated_experts} exceeds the {reachable} experts "
+                             f"reachable in n_limited_groups={self.n_limited_groups} groups")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named configuration from :data:`PRESETS`, optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a ModelConfig field")
+        return cls(**d)
+
+    # ------------------------------------------------------- Hugging Face config
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face DeepseekV3 ``config.json`` dict (unknown keys are ignored)."""
+        kw: dict[str, Any] = {}
+        for ours, theirs in _HF_FIELDS.items():
+            if theirs in hf and hf[theirs] is not None:
+                kw[ours] = hf[theirs]
+        if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
+            kw["q_lora_rank"] = 0
+        scaling = hf.get("rope_scaling") or {}
+        if scaling:
+            kind = scaling.get("type", scaling.get("rope_type"))
+            if kind != "yarn":
+                raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {kind!r}")
+            for ours, theirs in _HF_YARN_FIELDS.items():
+                if theirs in scaling:
+                    kw[ours] = scaling[theirs]
+            all_dim = scaling.get("mscale_all_dim", kw.get("mscale", 1.0))
+            if all_dim != kw.get("mscale", 1.0):
+                raise ValueError(f"rope_scaling.mscale_all_dim: {all_dim} differs from mscale; not supported")
+        else:
+            kw["rope_factor"] = 1.0
+            kw["original_seq_len"] = kw.get("max_seq_len", cls.max_seq_len)
+        if "n_routed_experts" in hf and hf["n_routed_experts"] is None:  # a dense model
+            kw.update(n_routed_experts=1, n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
+        return cls(**kw)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The Hugging Face DeepseekV3 ``config.json`` dict describing this model."""
+        hf: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "hidden_act": "silu",
+            "num_key_value_heads": self.n_heads,
+            "moe_layer_freq": 1,
+            "topk_method": "noaux_tc",
+            "attention_bias": False,
+        }
+        for ours, theirs in _HF_FIELDS.items():
+            hf[theirs] = getattr(self, ours)
+        if self.q_lora_rank == 0:
+            hf["q_lora_rank"] = None
+        hf["rope_scaling"] = {"type": "yarn", "mscale_all_dim": self.mscale,
+                              **{theirs: getattr(self, ours) for ours, theirs in _HF_YARN_FIELDS.items()}}
+        return hf
+
+
+_HF_FIELDS = {  # ours -> Hugging Face DeepseekV3Config
+    "vocab_size": "vocab_size",
+    "max_seq_len": "max_position_embeddings",
+    "dim": "hidden_size",
+    "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace",
+    "n_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group",
+    "score_func": "scoring_func",
+    "route_scale": "routed_scaling_factor",
+    "norm_topk_prob": "norm_topk_prob",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "n_mtp_modules": "num_nextn_predict_layers",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+_HF_YARN_FIELDS = {  # ours -> keys of config.json's rope_scaling
+    "rope_factor": "factor",
+    "original_seq_len": "original_max_position_embeddings",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "mscale": "mscale",
+}
+
+
+def _check_int(cfg: ModelConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+# Presets are data. "tiny" trains on 2 CPU cores in minutes (chapter 0); "deepseek-v3" is the released
+# 671B model (HF config.json of deepseek-ai/DeepSeek-V3; V3 §4.2), used for arithmetic, never instantiated.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},  # the dataclass defaults above are the tiny model
+    "deepseek-v3": dict(
+        vocab_size=129280, max_seq_len=163840,
+        dim=7168, inter_dim=18432, n_layers=61, n_dense_layers=3, norm_eps=1e-6,
+        n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe_inter_dim=2048, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
+        n_expert_groups=8, n_limited_groups=4, score_func="sigmoid", route_scale=2.5, norm_topk_prob=True,
+        rope_theta=10000.0, rope_factor=40.0, original_seq_len=4096, beta_fast=32, beta_slow=1, mscale=1.0,
+        n_mtp_modules=1, init_std=0.006, tie_embeddings=False,
+    ),
+}

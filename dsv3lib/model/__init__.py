@@ -1,0 +1,13 @@
+"""Single-device reference DeepSeek-V3 in plain PyTorch (chapter 0)."""
+
+from .mla import MLA, KVCache
+from .moe import MLP, Gate, MoE
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
+from .transformer import Block, ModelOutput, Transformer, mtp_loss
+
+__all__ = [
+    "MLA", "KVCache", "MLP", "Gate", "MoE", "MTPModule", "RMSNorm", "apply_rotary_emb",
+    "precompute_freqs_cis", "rope_frequencies", "Block", "ModelOutput", "Transformer", "mtp_loss",
+]

@@ -1,0 +1,147 @@
+"""The DeepSeek-V3 Transformer: embedding, MLA + FFN/MoE blocks, final norm, output head, MTP modules.
+
+A single-device reference in plain PyTorch (chapter 0). Parallelism, FP8 and compilation are applied
+to it as transforms in later chapters, so this file stays readable next to the official
+``inference/model.py`` of deepseek-ai/DeepSeek-V3.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .mla import MLA, KVCache
+from .moe import MLP, MoE
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import precompute_freqs_cis
+
+__all__ = ["Block", "Transformer", "ModelOutput", "mtp_loss"]
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then + ffn(ffn_norm(x)); dense FFN in the first layers."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start_pos, freqs_cis, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab): position t predicts token t+1
+    mtp_logits: list[torch.Tensor]  # depth k: (B, T-k, vocab), position i predicts token i+k+1
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_modules))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix (V3 §4.2), ones for norms, zeros for gate biases."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=self.cfg.init_std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+        for name, b in self.named_buffers():
+            if name.endswith("gate.bias"):
+                b.zero_()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """One KVCache per main-model layer, in the dtype/device of the weights."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"max_len: {max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        w = self.embed.weight
+        return [KVCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in self.layers]
+
+    def check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list[KVCache] | None) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"tokens: expected an integer tensor, got {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
+            raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        end = start_pos + tokens.size(1)
+        limit = self.cfg.max_seq_len if cache is None else min(self.cfg.max_seq_len, cache[0].k.size(1))
+        if start_pos < 0 or end > limit:
+            raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed max_seq_len={limit}")
+        if cache is not None and tokens.size(0) > cache[0].k.size(0):
+            raise ValueError(f"tokens: batch {tokens.size(0)} exceeds the cache's {cache[0].k.size(0)}")
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0,
+               cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, dim) of the main model."""
+        self.check_tokens(tokens, start_pos, cache)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + tokens.size(1)]
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, freqs_cis, None if cache is None else cache[i])
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+                mtp: bool | None = None) -> ModelOutput:
+        """Args:
+            tokens: (B, T) token ids at positions [start_pos, start_pos + T).
+            cache: from :meth:`new_cache`, for incremental decoding.
+            mtp: run the MTP modules (default: when training without a cache).
+        """
+        h = self.hidden(tokens, start_pos, cache)
+        logits = self.head(h)
+        mtp_logits: list[torch.Tensor] = []
+        if mtp if mtp is not None else cache is None:
+            if start_pos != 0:
+                raise ValueError("mtp: MTP modules run on whole sequences (start_pos=0)")
+            freqs_cis = self.freqs_cis[: tokens.size(1)]
+            for k, module in enumerate(self.mtp, start=1):
+                if tokens.size(1) <= k:
+                    break
+                # depth k at position i combines h^{k-1}_i with the embedding of token i+k (eq. 21)
+                h = module(h[:, :-1], self.embed(tokens[:, k:]), freqs_cis[: tokens.size(1) - k])
+                mtp_logits.append(self.head(h))
+        return ModelOutput(logits, mtp_logits)
+
+
+def mtp_loss(out: ModelOutput, labels: torch.Tensor, mtp_lambda: float = 0.3,
+             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """L = CE(main) + λ · mean_k CE(depth k)  (V3 eq. 24–25).
+
+    ``labels[:, t]`` is the token after ``tokens[:, t]``, so depth k's targets are ``labels[:, k:]``.
+    Each depth's CE is averaged over the positions it has (T−k), where the paper divides by T; the
+    difference is k/T of that depth's loss.
+
+    Returns:
+        (total, main CE, [CE of each depth]).
+    """
+    main = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+    depth = [
+        F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=ignore_index)
+        for k, lg in enumerate(out.mtp_logits, start=1)
+    ]
+    total = main + mtp_lambda * torch.stack(depth).mean() if depth else main
+    return total, main, depth
