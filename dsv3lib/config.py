@@ -70,7 +70,7 @@ class ModelConfig:
     n_mtp_modules: int = 1  # depth D of multi-token prediction (0 = none)
 
     # initialisation
-    init_std: float = 0.02  # V3 §4.2 uses 0.006 at d=7168 (HF's initializer_range=0.02 is not it)
+    init_std: float = 0.02  # V3 §4.2 uses 0.006 at d=7168
     tie_embeddings: bool = False  # V3 keeps embedding and output head separate
 
     # ------------------------------------------------------------------ derived
@@ -117,8 +117,11 @@ class ModelConfig:
             _check_int(self, name, minimum=0)
         for name in ["norm_eps", "rope_theta", "rope_factor", "route_scale", "init_std", "mscale"]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+        for name in ["norm_topk_prob", "tie_embeddings"]:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
         if self.n_dense_layers > self.n_layers:
             raise ValueError(f"n_dense_layers: {self.n_dense_layers} exceeds n_layers={self.n_layers}")
         if self.qk_rope_head_dim % 2:
@@ -174,14 +177,21 @@ class ModelConfig:
     # ------------------------------------------------------- Hugging Face config
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face DeepseekV3 ``config.json`` dict (unknown keys are ignored)."""
-        kw: dict[str, Any] = {}
+        """Build from a Hugging Face DeepseekV3 ``config.json`` dict.
+
+        Keys the dict lacks take DeepSeek-V3's values (as Hugging Face's ``DeepseekV3Config`` defaults
+        do); keys we do not model (``bos_token_id``, ``quantization_config``, ...) are ignored.
+        """
+        kw: dict[str, Any] = dict(PRESETS["deepseek-v3"])
         for ours, theirs in _HF_FIELDS.items():
             if theirs in hf and hf[theirs] is not None:
                 kw[ours] = hf[theirs]
         if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
             kw["q_lora_rank"] = 0
-        scaling = hf.get("rope_scaling") or {}
+        method = hf.get("topk_method", "noaux_tc")
+        if method not in _HF_TOPK_METHODS:
+            raise ValueError(f"topk_method: {method!r} is not supported; expected one of {_HF_TOPK_METHODS}")
+        scaling = hf.get("rope_scaling") or {}  # absent or null: plain RoPE (as Hugging Face reads it)
         if scaling:
             kind = scaling.get("type", scaling.get("rope_type"))
             if kind != "yarn":
@@ -189,14 +199,15 @@ class ModelConfig:
             for ours, theirs in _HF_YARN_FIELDS.items():
                 if theirs in scaling:
                     kw[ours] = scaling[theirs]
-            all_dim = scaling.get("mscale_all_dim", kw.get("mscale", 1.0))
-            if all_dim != kw.get("mscale", 1.0):
+            all_dim = scaling.get("mscale_all_dim", kw["mscale"])
+            if all_dim != kw["mscale"]:
                 raise ValueError(f"rope_scaling.mscale_all_dim: {all_dim} differs from mscale; not supported")
-        else:
+        else:  # no rope scaling: plain RoPE over the whole context
             kw["rope_factor"] = 1.0
-            kw["original_seq_len"] = kw.get("max_seq_len", cls.max_seq_len)
+            kw["original_seq_len"] = kw["max_seq_len"]
         if "n_routed_experts" in hf and hf["n_routed_experts"] is None:  # a dense model
-            kw.update(n_routed_experts=1, n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
+            kw.update(n_dense_layers=kw["n_layers"], n_mtp_modules=0, n_routed_experts=1,
+                      n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
         return cls(**kw)
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -245,7 +256,10 @@ _HF_FIELDS = {  # ours -> Hugging Face DeepseekV3Config
     "norm_eps": "rms_norm_eps",
     "n_mtp_modules": "num_nextn_predict_layers",
     "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",  # the released file says 0.02; V3 §4.2 trained with 0.006
 }
+
+_HF_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")  # V3, V2-Lite, V2
 
 _HF_YARN_FIELDS = {  # ours -> keys of config.json's rope_scaling
     "rope_factor": "factor",
