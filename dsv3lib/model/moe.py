@@ -46,6 +46,7 @@ class Gate(nn.Module):
         self.n_groups = cfg.n_expert_groups
         self.topk_groups = cfg.n_limited_groups
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        nn.init.normal_(self.weight, std=cfg.init_std)
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
 

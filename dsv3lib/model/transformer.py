@@ -82,15 +82,18 @@ class Transformer(nn.Module):
     def check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list[KVCache] | None) -> None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.size(1) == 0:
+            raise ValueError("tokens: empty sequence (T=0)")
         if tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"tokens: expected an integer tensor, got {tokens.dtype}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
             raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         end = start_pos + tokens.size(1)
-        limit = self.cfg.max_seq_len if cache is None else min(self.cfg.max_seq_len, cache[0].k.size(1))
-        if start_pos < 0 or end > limit:
-            raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed max_seq_len={limit}")
+        if start_pos < 0 or end > self.cfg.max_seq_len:
+            raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None and end > cache[0].k.size(1):
+            raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed the cache's max_len={cache[0].k.size(1)}")
         if cache is not None and tokens.size(0) > cache[0].k.size(0):
             raise ValueError(f"tokens: batch {tokens.size(0)} exceeds the cache's {cache[0].k.size(0)}")
 
@@ -109,7 +112,8 @@ class Transformer(nn.Module):
         """Args:
             tokens: (B, T) token ids at positions [start_pos, start_pos + T).
             cache: from :meth:`new_cache`, for incremental decoding.
-            mtp: run the MTP modules (default: when training without a cache).
+            mtp: run the MTP modules (default: when there is no cache). Depth k needs T > k tokens;
+                depths that do not fit are skipped, so ``mtp_logits`` may be shorter than n_mtp_modules.
         """
         h = self.hidden(tokens, start_pos, cache)
         logits = self.head(h)

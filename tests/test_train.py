@@ -1,0 +1,98 @@
+"""Training loop: schedule, loss goes down, exact resume, CLI, callbacks."""
+
+import json
+
+import pytest
+import torch
+
+from dsv3lib import checkpoint
+from dsv3lib.config import ModelConfig
+from dsv3lib.data import load_corpus
+from dsv3lib.model import Transformer
+from dsv3lib.train import TrainConfig, lr_at, main, train
+
+SMALL = dict(n_layers=2, max_seq_len=64)
+FAST = dict(batch_size=4, seq_len=32, eval_every=3, eval_batches=2, warmup_steps=2, lr=3e-3)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset("tiny", **SMALL))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    t = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_training_lowers_the_loss():
+    model = small_model()
+    h = train(model, TrainConfig(steps=30, **FAST), progress=False)
+    assert len(h.loss) == 30 and len(h.mtp_loss[0]) == 1
+    assert h.val_step == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert sum(h.main_loss[-5:]) / 5 < h.main_loss[0] - 1.0
+    assert h.val_loss[-1] < h.val_loss[0]
+
+
+@pytest.fixture
+def one_thread():
+    """Two CPU threads may split float reductions differently from run to run; one thread is repeatable."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_resume_is_exact(tmp_path, one_thread):
+    tcfg = TrainConfig(steps=6, checkpoint_every=3, **FAST)
+    straight = small_model()
+    h_straight = train(straight, tcfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(info):
+        if info.step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(small_model(), tcfg, out=tmp_path / "run", callbacks=[stop_at_4], progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["step"] == 3
+
+    resumed = small_model(seed=123)  # weights come from the checkpoint
+    h_resumed = train(resumed, tcfg, out=tmp_path / "run", resume=True, progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert h_resumed.loss == h_straight.loss and h_resumed.val_loss == h_straight.val_loss
+
+
+def test_resume_refuses_a_different_train_config(tmp_path):
+    train(small_model(), TrainConfig(steps=2, **FAST), out=tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="^resume"):
+        train(small_model(), TrainConfig(steps=4, **FAST), out=tmp_path / "run", resume=True, progress=False)
+
+
+def test_callbacks_see_every_step():
+    seen = []
+    train(small_model(), TrainConfig(steps=3, **FAST), callbacks=[lambda i: seen.append(i.step)], progress=False)
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("batch_size", 0), ("min_lr_ratio", 2.0)])
+def test_bad_train_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_cli_trains_and_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cli"
+    main(["--preset", "tiny", "--steps", "2", "--out", str(out), "--batch-size", "2", "--seq-len", "16",
+          "--eval-every", "1"])
+    assert "val loss" in capsys.readouterr().out
+    model = checkpoint.load(out)
+    assert model.cfg == ModelConfig.preset("tiny")
+    x = load_corpus().val[:17].unsqueeze(0)
+    assert torch.isfinite(model(x).logits).all()
