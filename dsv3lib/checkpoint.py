@@ -32,8 +32,8 @@ from .model import Transformer
 from .model.rope import precompute_freqs_cis
 
 __all__ = ["atomic_write_dir", "save", "load", "load_weights_into", "save_training_state",
-           "load_training_state", "capture_rng_states", "restore_rng_states", "hf_name", "quantize_block_fp8",
-           "dequantize_block_fp8", "save_hf", "load_hf"]
+           "load_training_state", "capture_rng_states", "restore_rng_states", "hf_name",
+           "quantize_block_fp8", "dequantize_block_fp8", "save_hf", "load_hf"]
 
 WEIGHTS, CONFIG, TRAINING_STATE, HF_INDEX = (
     "model.safetensors", "config.json", "training_state.pt", "model.safetensors.index.json")
@@ -41,7 +41,6 @@ FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
-# ---------------------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_write_dir(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory to fill; on a clean exit it replaces ``directory`` whole.
@@ -58,7 +57,7 @@ def atomic_write_dir(directory: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
-        for p in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # files first, then their directories
+        for p in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # files before their directories
             _fsync(p)
         aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
         if target.exists():
@@ -99,10 +98,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-# -------------------------------------------------------------------------- shared loading machinery
 def _aliases(model: nn.Module) -> dict[str, str]:
-    """Tied tensors as {alias: first name}: e.g. ``head.weight -> embed.weight`` under tie_embeddings.
-    safetensors refuses two names for one storage, so aliases are stored once and re-tied on load."""
+    """Tied tensors as {alias: first name}, e.g. ``head.weight: embed.weight`` under tie_embeddings.
+    safetensors refuses two names for one storage, so an alias is stored once and re-tied on load."""
     first: dict[int, str] = {}
     return {n: first[id(t)] for n, t in model.state_dict(keep_vars=True).items()
             if first.setdefault(id(t), n) != n}
@@ -131,15 +129,14 @@ _REBUILD = {  # non-persistent buffers (in no checkpoint), by their own name: ho
 def _materialise(model: Transformer, tensors: dict[str, torch.Tensor], device) -> Transformer:
     """Put loaded tensors into a meta model, re-tie aliases, rebuild the non-persistent buffers."""
     aliases = _aliases(model)
-    tensors.update({a: tensors[c] for a, c in aliases.items()})
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model.load_state_dict(tensors | {a: tensors[c] for a, c in aliases.items()}, strict=True, assign=True)
     for alias, canonical in aliases.items():  # assign made two Parameters of one tensor: tie them again
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(canonical))
     for name, buf in [(n, b) for n, b in model.named_buffers() if b.is_meta]:
         owner, _, leaf = name.rpartition(".")
         if leaf not in _REBUILD:
-            raise RuntimeError(f"{name}: non-persistent buffer that checkpoint.py cannot rebuild; add it to _REBUILD")
+            raise RuntimeError(f"{name}: a non-persistent buffer checkpoint.py cannot rebuild (see _REBUILD)")
         setattr(model.get_submodule(owner), leaf, _REBUILD[leaf](model.cfg, buf).to(device))
     return model
 
@@ -153,21 +150,19 @@ def _check(found: dict[str, tuple], expected: dict[str, tuple], where: str, opti
     for n, shape in expected.items():
         if found[n] != shape:
             raise ValueError(f"{label(n)}: shape {found[n]} in checkpoint, model expects {shape}")
-    unexpected = [n for n in found if n not in expected and n not in optional]
-    if unexpected:
-        raise ValueError(f"{unexpected[0]}: unexpected in {where} (the model has no such tensor)")
+    for n in [n for n in found if n not in expected and n not in optional][:1]:
+        raise ValueError(f"{n}: unexpected in {where} (the model has no such tensor)")
 
 
 def _read_weights(model: Transformer, directory: Path, device, dtype) -> dict[str, torch.Tensor]:
-    """Our ``model.safetensors`` checked against ``model`` (from the header, before reading data)."""
+    """Our ``model.safetensors``, checked against ``model`` from the header before any data is read."""
     aliases = _aliases(model)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
     with safe_open(_need(directory / WEIGHTS), framework="pt", device=str(device)) as f:
-        _check({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, expected, WEIGHTS, optional=aliases)
+        _check({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, expected, WEIGHTS, aliases)
         return {n: _cast(n, f.get_tensor(n), dtype) for n in expected}
 
 
-# ------------------------------------------------------------------------------------ our own format
 def save(model: Transformer, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` atomically. ``extra``: JSON metadata (training step,
     data position, …) stored next to the ``"model"`` config entry."""
@@ -177,13 +172,12 @@ def save(model: Transformer, directory: str | os.PathLike, *, extra: dict | None
 
 
 def _write_model(model: Transformer, tmp: Path, extra: dict | None) -> None:
-    extra = dict(extra or {})
-    if "model" in extra:
+    if "model" in (extra or {}):
         raise ValueError("extra: the key 'model' is reserved for the model config")
     aliases = _aliases(model)
     tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n not in aliases}
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    _write_json(tmp / CONFIG, {"model": model.cfg.to_dict(), **extra})
+    _write_json(tmp / CONFIG, {"model": model.cfg.to_dict(), **(extra or {})})
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -195,9 +189,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 def load(directory: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
     """Build the Transformer a :func:`save` directory describes and load its weights strictly.
-
-    ``dtype=None`` keeps the stored dtypes; otherwise floating tensors are cast (gate biases stay fp32).
-    """
+    ``dtype=None`` keeps the stored dtypes; otherwise floating tensors are cast (gate biases stay fp32)."""
     directory = Path(directory)
     model = _skeleton(ModelConfig.from_dict(_read_config(directory)["model"]))
     return _materialise(model, _read_weights(model, directory, device, dtype), device)
@@ -208,14 +200,13 @@ def load_weights_into(model: Transformer, directory: str | os.PathLike) -> None:
     so an optimizer built on them stays valid). The stored config must equal ``model.cfg``."""
     directory = Path(directory)
     saved, ours = _read_config(directory)["model"], model.cfg.to_dict()
-    for key in [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)][:1]:
-        raise ValueError(f"{directory / CONFIG}: model.{key} = {saved.get(key)!r}, the model has {ours.get(key)!r}")
+    for k in [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)][:1]:
+        raise ValueError(f"{directory / CONFIG}: model.{k} = {saved.get(k)!r}, the model has {ours.get(k)!r}")
     tensors = _read_weights(model, directory, "cpu", None)
     tensors.update({a: tensors[c] for a, c in _aliases(model).items()})
     model.load_state_dict(tensors, strict=True)  # copy_ into the existing tensors (casts dtype/device)
 
 
-# ------------------------------------------------------------------------------------ training state
 def capture_rng_states() -> dict[str, Any]:
     """Python, torch CPU and (if present) CUDA generator states, for an exactly resumable run."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -223,6 +214,7 @@ def capture_rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the generators back to states from :func:`capture_rng_states`."""
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if states.get("cuda") and torch.cuda.is_available():
@@ -240,8 +232,8 @@ def save_training_state(directory: str | os.PathLike, model: Transformer, optimi
     with hyper-parameters, moments keyed by parameter index, step counters) that safetensors cannot hold.
     The file is ours, read back only with ``weights_only=True`` (no arbitrary unpickling), never shared.
     """
-    state = {"optimizer": optimizer.state_dict(),
-             "scheduler": None if scheduler is None else scheduler.state_dict(), "step": step,
+    state = {"optimizer": optimizer.state_dict(), "step": step,
+             "scheduler": None if scheduler is None else scheduler.state_dict(),
              "rng_states": capture_rng_states() if rng_states is None else rng_states}
     with atomic_write_dir(directory) as tmp:
         _write_model(model, tmp, {"step": step, **(extra or {})})
@@ -251,28 +243,23 @@ def save_training_state(directory: str | os.PathLike, model: Transformer, optimi
 
 def load_training_state(directory: str | os.PathLike, model: Transformer, optimizer=None,
                         scheduler=None) -> dict[str, Any]:
-    """Load weights into ``model`` in place, and optimizer / scheduler state into the given objects.
-
-    Returns:
-        ``{"step", "rng_states", "extra"}``; pass ``rng_states`` to :func:`restore_rng_states` to resume
-        the random streams too.
-    """
+    """Load weights into ``model`` in place, optimizer / scheduler state into the given objects. Returns
+    ``{"step", "rng_states", "extra"}``; :func:`restore_rng_states` resumes the random streams too."""
     directory = Path(directory)
     state = torch.load(_need(directory / TRAINING_STATE), map_location="cpu", weights_only=True)
     load_weights_into(model, directory)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])  # a TypeError if none was saved
+        scheduler.load_state_dict(state["scheduler"])
     extra = {k: v for k, v in _read_config(directory).items() if k != "model"}
     return {"step": state["step"], "rng_states": state["rng_states"], "extra": extra}
 
 
-# -------------------------------------------------------------------------------- Hugging Face names
 _HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "head.weight": "lm_head.weight"}
-_HF_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-           "norm.weight": "shared_head.norm.weight"}
+_HF_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+           "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
 _HF_BLOCK = [  # inside a block, ours -> HF by prefix; first match wins
     ("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
     ("attn.wq_a.", "self_attn.q_a_proj."), ("attn.q_norm.", "self_attn.q_a_layernorm."),
@@ -285,11 +272,10 @@ _HF_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
 def hf_name(name: str, n_layers: int) -> str:
-    """The Hugging Face DeepSeek-V3 name of one of our state-dict names.
+    """The Hugging Face DeepSeek-V3 name of one of our state-dict names, e.g.
+    ``layers.1.ffn.experts.3.w1.weight`` → ``model.layers.1.mlp.experts.3.gate_proj.weight``.
 
-    MTP module k is stored as layer ``n_layers + k``: its own tensors under that layer, its block's
-    tensors as if it were an ordinary layer. ``layers.1.ffn.experts.3.w1.weight`` →
-    ``model.layers.1.mlp.experts.3.gate_proj.weight``.
+    MTP module k is layer ``n_layers + k``: its own tensors under that layer, its block's as a layer's.
     """
     if name in _HF_TOP:
         return _HF_TOP[name]
@@ -297,14 +283,13 @@ def hf_name(name: str, n_layers: int) -> str:
     if m:
         kind, i, rest = m[1], int(m[2]), m[3]
         layer = f"model.layers.{i if kind == 'layers' else n_layers + i}"
-        if kind == "mtp":
-            if rest in _HF_MTP:
-                return f"{layer}.{_HF_MTP[rest]}"
-            rest = rest[len("block."):] if rest.startswith("block.") else ""
+        if kind == "mtp" and rest in _HF_MTP:
+            return f"{layer}.{_HF_MTP[rest]}"
+        rest = rest.removeprefix("block.") if kind == "mtp" else rest
         for ours, theirs in _HF_BLOCK:
             if rest.startswith(ours):
                 hf = theirs + rest[len(ours):]
-                return f"{layer}." + re.sub(r"\.(w[123])\.weight$", lambda p: f".{_HF_PROJ[p[1]]}.weight", hf)
+                return f"{layer}." + re.sub(r"\.(w[123])\.", lambda p: f".{_HF_PROJ[p[1]]}.", hf)
     raise ValueError(f"{name}: no Hugging Face name known for this tensor")
 
 
@@ -314,54 +299,47 @@ def _fp8_target(hf: str) -> bool:
     return bool(re.search(r"\.(self_attn|mlp)\.(.+\.)?[a-z_]*proj[a-z_]*\.weight$", hf))
 
 
-# ------------------------------------------------------------------------------------- FP8 (blockwise)
+def _mtp_copies(n_layers: int, n_mtp: int) -> dict[str, str]:
+    """The release repeats embedding and head under each MTP layer: {HF name: our name}."""
+    pairs = [("embed_tokens.weight", "embed.weight"), ("shared_head.head.weight", "head.weight")]
+    return {f"model.layers.{n_layers + k}.{hf}": ours for k in range(n_mtp) for hf, ours in pairs}
+
+
 def _n_blocks(shape, block) -> tuple[int, int]:
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
 def quantize_block_fp8(w: torch.Tensor, block=FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) → (e4m3 weight (out, in), float32 scale_inv (⌈out/bo⌉, ⌈in/bi⌉)), one scale per block
-    mapping the block's absolute maximum to 448. Reference version; chapter 1 builds the fast one."""
+    """w (out, in) → e4m3 weight (out, in) and float32 scale_inv (⌈out/bo⌉, ⌈in/bi⌉): one scale per
+    block, mapping its absolute maximum to 448. The reference version; chapter 1 builds the fast one."""
     (out, inn), (bo, bi) = w.shape, block
     rows, cols = _n_blocks(w.shape, block)
-    padded = torch.zeros(rows * bo, cols * bi, dtype=torch.float32, device=w.device)
-    padded[:out, :inn] = w.float()
-    blocks = padded.view(rows, bo, cols, bi)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # (rows, cols)
+    blocks = torch.zeros(rows * bo, cols * bi, dtype=torch.float32, device=w.device)
+    blocks[:out, :inn] = w.float()
+    blocks = blocks.view(rows, bo, cols, bi)
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-30)  # (rows, cols); all-zero blocks
     q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(rows * bo, cols * bi)
     return q[:out, :inn].to(torch.float8_e4m3fn).contiguous(), scale
 
 
 def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block=FP8_BLOCK) -> torch.Tensor:
-    """float32 ``w · scale_inv``, each scale broadcast over its bo×bi block (edge blocks may be partial).
-
-    Args:
-        w: (out, in) float8 weight, as stored in DeepSeek-V3's release.
-        scale_inv: (⌈out/bo⌉, ⌈in/bi⌉) float32, the ``<name>_scale_inv`` next to it.
-    """
-    if w.dim() != 2:
-        raise ValueError(f"w: expected a 2-D weight, got shape {tuple(w.shape)}")
-    if tuple(scale_inv.shape) != _n_blocks(w.shape, block):
+    """float32 ``w · scale_inv`` for a (out, in) float8 weight and its (⌈out/bo⌉, ⌈in/bi⌉) float32
+    ``<name>_scale_inv``: each scale broadcast over its bo×bi block (edge blocks may be partial)."""
+    if w.dim() != 2 or tuple(scale_inv.shape) != _n_blocks(w.shape, block):
         raise ValueError(f"scale_inv: shape {tuple(scale_inv.shape)}, expected {_n_blocks(w.shape, block)} "
                          f"for a {tuple(w.shape)} weight in {block[0]}x{block[1]} blocks")
     s = scale_inv.float().repeat_interleave(block[0], 0)[: w.shape[0]]
     return w.float() * s.repeat_interleave(block[1], 1)[:, : w.shape[1]]
 
 
-# --------------------------------------------------------------------------------- Hugging Face files
 def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = False, block=FP8_BLOCK,
             shard_bytes: int | None = None) -> Path:
     """Export in the Hugging Face DeepSeek-V3 layout, atomically; tensors keep the model's dtypes.
-
-    ``fp8=True`` stores the projections the release quantises as e4m3 + ``weight_scale_inv``. Each MTP
-    layer gets copies of embedding and head, as in the release. ``shard_bytes`` splits into several files
-    plus ``model.safetensors.index.json``.
-    """
+    ``fp8=True`` stores the projections the release quantises as e4m3 + ``weight_scale_inv``; MTP layers
+    get copies of embedding and head, as in the release; ``shard_bytes`` splits files (+ index.json)."""
     cfg, aliases = model.cfg, _aliases(model)
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name in aliases:
-            continue
+    for name, t in [(n, t) for n, t in model.state_dict().items() if n not in aliases]:
         hf, t = hf_name(name, cfg.n_layers), t.detach().cpu().contiguous()
         quantised = quantize_block_fp8(t, block) if fp8 and _fp8_target(hf) else (t,)
         tensors.update(zip([hf, hf + "_scale_inv"], quantised))
@@ -378,29 +356,22 @@ def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = Fal
         if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
             shards, size = [*shards, {}], 0
         shards[-1][hf], size, total = t, size + nbytes, total + nbytes
-    files = [WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                                                 for i in range(1, len(shards) + 1)]
+    n = len(shards)
+    files = [WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     with atomic_write_dir(directory) as tmp:
         _write_json(tmp / CONFIG, hf_cfg)
         for file, shard in zip(files, shards):
             save_file(shard, tmp / file, metadata={"format": "pt"})
-        if len(shards) > 1:
+        if n > 1:
             weight_map = {hf: file for file, shard in zip(files, shards) for hf in shard}
             _write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return Path(directory)
 
 
-def _mtp_copies(n_layers: int, n_mtp: int) -> dict[str, str]:
-    """The release repeats embedding and head under each MTP layer: {HF name: our name}."""
-    return {f"model.layers.{n_layers + k}.{hf}": ours for k in range(n_mtp)
-            for hf, ours in [("embed_tokens.weight", "embed.weight"), ("shared_head.head.weight", "head.weight")]}
-
-
 def _open_shards(path: Path, stack: contextlib.ExitStack, device) -> dict[str, tuple[str, Any]]:
     """{HF tensor name: (file name, open safe_open handle)} over every shard (headers only)."""
-    index = path / HF_INDEX
-    listed = _read_json(index)["weight_map"] if index.exists() else None
-    files = sorted(set(listed.values())) if listed is not None else sorted(p.name for p in path.glob("*.safetensors"))
+    listed = _read_json(path / HF_INDEX)["weight_map"] if (path / HF_INDEX).exists() else {}
+    files = sorted(set(listed.values()) if listed else (p.name for p in path.glob("*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
     where: dict[str, tuple[str, Any]] = {}
@@ -410,35 +381,20 @@ def _open_shards(path: Path, stack: contextlib.ExitStack, device) -> dict[str, t
             if name in where:
                 raise ValueError(f"{name}: stored in both {where[name][0]} and {file}")
             where[name] = (file, f)
-    for name, file in (listed or {}).items():
+    for name, file in listed.items():
         if where.get(name, ("",))[0] != file:
             raise ValueError(f"{name}: listed in {HF_INDEX} under {file} but not stored there")
     return where
-
-
-def _check_scale(hf: str, label: str, shape: tuple, where: dict, block) -> None:
-    scale = hf + "_scale_inv"
-    if scale not in where:
-        raise ValueError(f"{label}: float8 tensor without its {scale}")
-    got = tuple(where[scale][1].get_slice(scale).get_shape())
-    want = _n_blocks(shape, block) if len(shape) == 2 else None
-    if got != want:
-        raise ValueError(f"{scale}: shape {got} in checkpoint, expected {want} for {hf} {shape} "
-                         f"in {block[0]}x{block[1]} blocks")
 
 
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", strict: bool = True,
             n_layers: int | None = None) -> Transformer:
     """Build a Transformer from a Hugging Face DeepSeek-V3 directory (config.json + safetensors shards).
 
-    FP8 tensors are dequantised with their ``weight_scale_inv`` (block size from
-    ``quantization_config.weight_block_size``) and cast to ``dtype`` (gate biases stay fp32). Every name
-    and shape is checked from the shard headers first; then the shards are read one tensor at a time.
-
-    Args:
-        strict: if False, unexpected tensors are ignored and a missing ``e_score_correction_bias``
-            (DeepSeek-V2-style checkpoints have none) is zero-filled. Other missing tensors always fail.
-        n_layers: keep only the first n_layers blocks (and the MTP modules): a real-size slice.
+    FP8 tensors are dequantised (block from ``quantization_config.weight_block_size``), all cast to
+    ``dtype`` (gate biases stay fp32). Names and shapes are checked from the headers, then the shards read
+    one tensor at a time. ``strict=False`` ignores unexpected tensors and zero-fills a missing
+    ``e_score_correction_bias`` (V2-style checkpoints). ``n_layers``: keep only the first blocks (+ MTP).
     """
     path = Path(path)
     hf_cfg = _read_json(path / CONFIG)
@@ -452,16 +408,13 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     expected = {n: tuple(t.shape) for n, t in sd.items() if n not in aliases}
     # copies we check and skip: MTP layers' embedding/head, and e.g. lm_head.weight of a tied model
     copies = _mtp_copies(full.n_layers, cfg.n_mtp_modules) | {hf_name(a, full.n_layers): a for a in aliases}
-
-    def label(n: str) -> str:
-        return f"{hf_name(n, full.n_layers)} (ours: {n})"
-
+    label = lambda n: f"{hf_name(n, full.n_layers)} (ours: {n})"  # noqa: E731
     with contextlib.ExitStack() as stack:
         where, found, fp8 = _open_shards(path, stack, device), {}, set()
         for hf, (file, f) in where.items():  # headers only: validate everything before reading data
             s = f.get_slice(hf)
             shape, layer = tuple(s.get_shape()), re.match(r"model\.layers\.(\d+)\.", hf)
-            if hf.endswith("rotary_emb.inv_freq") or (layer and cfg.n_layers <= int(layer[1]) < full.n_layers):
+            if hf.endswith("inv_freq") or (layer and cfg.n_layers <= int(layer[1]) < full.n_layers):
                 continue  # RoPE tables are recomputed; layers dropped by n_layers
             if hf.endswith("_scale_inv") and hf[: -len("_scale_inv")] in where:
                 continue  # checked with its weight
@@ -472,13 +425,18 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
                 raise ValueError(f"{hf}: unexpected tensor in {file} (no tensor of ours maps to it)")
             if hf in copies or hf not in to_ours:
                 continue
-            found[to_ours[hf]] = shape
-            if s.get_dtype().startswith("F8"):
-                _check_scale(hf, label(to_ours[hf]), shape, where, block)
+            found[to_ours[hf]], scale = shape, hf + "_scale_inv"
+            if s.get_dtype().startswith("F8"):  # needs a (⌈out/bo⌉, ⌈in/bi⌉) scale_inv next to it
+                if scale not in where:
+                    raise ValueError(f"{label(to_ours[hf])}: float8 tensor without its {scale}")
+                got = tuple(where[scale][1].get_slice(scale).get_shape())
+                want = _n_blocks(shape, block) if len(shape) == 2 else "a 2-D weight"
+                if got != want:
+                    raise ValueError(f"{scale}: shape {got} in checkpoint, expected {want} for "
+                                     f"{shape} weight")
                 fp8.add(hf)
         zero = [] if strict else [n for n in expected if n.endswith("gate.bias") and n not in found]
-        found.update({n: expected[n] for n in zero})
-        _check(found, expected, "the checkpoint", label=label)
+        _check(found | {n: expected[n] for n in zero}, expected, "the checkpoint", label=label)
         tensors = {n: torch.zeros(expected[n], device=device) for n in zero}
         for hf, (_, f) in where.items():  # in file order: shard by shard, one tensor at a time
             n = to_ours.get(hf)

@@ -225,8 +225,13 @@ class ModelConfig:
             hf[theirs] = getattr(self, ours)
         if self.q_lora_rank == 0:
             hf["q_lora_rank"] = None
-        hf["rope_scaling"] = {"type": "yarn", "mscale_all_dim": self.mscale,
-                              **{theirs: getattr(self, ours) for ours, theirs in _HF_YARN_FIELDS.items()}}
+        # Hugging Face applies YaRN whenever rope_scaling is present; we (like DeepSeek's code) only when
+        # max_seq_len > original_seq_len. So an inactive YaRN is written as null, which reads back as
+        # the equivalent rope_factor=1, original_seq_len=max_seq_len.
+        hf["rope_scaling"] = None
+        if self.yarn_active:
+            hf["rope_scaling"] = {"type": "yarn", "mscale_all_dim": self.mscale,
+                                  **{theirs: getattr(self, ours) for ours, theirs in _HF_YARN_FIELDS.items()}}
         return hf
 
 

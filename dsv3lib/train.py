@@ -4,7 +4,8 @@ Chapter 0 trains the tiny preset with it; later chapters pass ``callbacks`` (the
 bias update of chapter 3 runs after each optimizer step) and read the per-depth MTP losses (chapter 4).
 
 Recipe after V3 §4.2 (AdamW β = (0.9, 0.95), weight decay 0.1, clip 1.0, warm-up then cosine decay to
-10% of the peak); the tiny preset uses a larger peak learning rate and far fewer steps.
+10% of the peak, MTP weight λ = 0.3, auxiliary-loss-free balancing); the tiny preset uses a larger peak
+learning rate, a faster bias update and far fewer steps.
 
 CLI::
 
@@ -24,6 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import checkpoint
+from .balancing import BiasBalancer
 from .config import ModelConfig
 from .data import batches, eval_batches, load_corpus, unigram_entropy
 from .model import Transformer, mtp_loss
@@ -44,6 +46,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mtp_lambda: float = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
+    bias_update_speed: float = 0.01  # γ of loss-free balancing (V3: 0.001); 0 turns balancing off
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end (when an output directory is given)
@@ -53,7 +56,8 @@ class TrainConfig:
         for name in ["steps", "batch_size", "seq_len", "eval_every", "eval_batches"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ["warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "mtp_lambda"]:
+        for name in ["warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "mtp_lambda",
+                     "bias_update_speed"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -146,7 +150,8 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
         train_tokens, val_tokens: 1-D token tensors (default: the book's corpus, :func:`load_corpus`).
         out: directory for checkpoints (model.safetensors + config.json + training state); with
             ``resume=True`` training continues from the checkpoint there, bit-for-bit as if uninterrupted.
-        callbacks: called after every optimizer step with a :class:`StepInfo`.
+        callbacks: called after every optimizer step with a :class:`StepInfo`, after the loss-free
+            balancing update (``tcfg.bias_update_speed``) of the gate biases.
     """
     if train_tokens is None or val_tokens is None:
         corpus = load_corpus()
@@ -166,6 +171,8 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
     for _ in range(start):  # the batch stream is a pure function of (seed, step): skip what was used
         next(data)
 
+    if tcfg.bias_update_speed > 0:
+        callbacks = [BiasBalancer(model, tcfg.bias_update_speed), *callbacks]
     model.train()
     t0 = time.perf_counter() - history.seconds
     bar = _progress(tcfg.steps, start, progress)
@@ -209,13 +216,13 @@ def main(argv: list[str] | None = None) -> History:
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    for name in ["batch_size", "seq_len", "lr", "warmup_steps", "mtp_lambda", "eval_every", "checkpoint_every",
-                 "seed"]:
+    knobs = ["batch_size", "seq_len", "lr", "warmup_steps", "mtp_lambda", "bias_update_speed", "eval_every",
+             "checkpoint_every", "seed"]
+    for name in knobs:
         default = getattr(TrainConfig, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     args = p.parse_args(argv)
-    tcfg = TrainConfig(steps=args.steps, **{k: getattr(args, k) for k in [
-        "batch_size", "seq_len", "lr", "warmup_steps", "mtp_lambda", "eval_every", "checkpoint_every", "seed"]})
+    tcfg = TrainConfig(steps=args.steps, **{k: getattr(args, k) for k in knobs})
     torch.manual_seed(tcfg.seed)
     model = Transformer(ModelConfig.preset(args.preset))
     corpus = load_corpus()

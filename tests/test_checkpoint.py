@@ -75,7 +75,7 @@ def test_save_load_round_trip(tmp_path):
 def test_load_casts_dtype_but_keeps_gate_bias_and_rope_exact(tmp_path):
     save(make(), tmp_path / "c")
     model = load(tmp_path / "c", dtype=torch.bfloat16)
-    assert model.embed.weight.dtype == torch.bfloat16 and model.layers[0].attn.wkv_a.weight.dtype == torch.bfloat16
+    assert model.embed.weight.dtype == model.layers[0].attn.wkv_a.weight.dtype == torch.bfloat16
     assert model.layers[1].ffn.gate.bias.dtype == torch.float32
     assert model.freqs_cis.dtype == torch.complex64
     assert model(tokens()).logits.dtype == torch.bfloat16
@@ -209,7 +209,8 @@ def _rewrite(path: Path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("layers.2.attn.wkv_b.weight"), "layers.2.attn.wkv_b.weight: missing from model.safetensors"),
+    (lambda t: t.pop("layers.2.attn.wkv_b.weight"),
+     "layers.2.attn.wkv_b.weight: missing from model.safetensors"),
     (lambda t: t.update({"layers.0.attn.wq_a.weight": torch.zeros(64, 32)}),
      "layers.0.attn.wq_a.weight: shape (64, 32) in checkpoint, model expects (16, 32)"),
     (lambda t: t.update({"layers.9.attn.wo.weight": torch.zeros(2)}),
@@ -245,15 +246,15 @@ def test_fp8_block_quantisation_partial_blocks():
     q, scale_inv = quantize_block_fp8(w)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
     assert scale_inv.dtype == torch.float32 and scale_inv.shape == (3, 3)  # ⌈300/128⌉, ⌈260/128⌉
-    err = (dequantize_block_fp8(q, scale_inv) - w).abs()
-    pad = torch.zeros(384, 384)
-    for e in (err, w.abs()):
-        pad.zero_()[:300, :260] = e
-        e_max = pad.view(3, 128, 3, 128).amax(dim=(1, 3))
-        if e is err:
-            err_max = e_max
-    assert (err_max <= e_max / 16).all()  # 3 mantissa bits: ≤ 2^-4 of the block's largest value
-    assert torch.allclose(scale_inv, e_max / 448)
+
+    def block_max(x):  # (3, 3): the largest |x| in each 128×128 block, edge blocks partial
+        pad = torch.zeros(384, 384)
+        pad[:300, :260] = x.abs()
+        return pad.view(3, 128, 3, 128).amax(dim=(1, 3))
+
+    err = dequantize_block_fp8(q, scale_inv) - w
+    assert (block_max(err) <= block_max(w) / 16).all()  # 3 mantissa bits: ≤ 2^-4 of the block's max
+    assert torch.allclose(scale_inv, block_max(w) / 448)
     # a hand-made case: one scale per block, edge blocks partial
     ones = torch.ones(130, 129).to(torch.float8_e4m3fn)
     s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -329,6 +330,15 @@ def test_hf_block_size_from_config(tmp_path):
     assert (loaded.layers[0].attn.wo.weight - w).abs().max() <= w.abs().max() / 16
 
 
+def test_hf_name_examples():
+    assert hf_name("layers.1.ffn.experts.3.w1.weight", 61) == "model.layers.1.mlp.experts.3.gate_proj.weight"
+    wkv_a = "model.layers.61.self_attn.kv_a_proj_with_mqa.weight"
+    assert hf_name("mtp.0.block.attn.wkv_a.weight", 61) == wkv_a
+    assert hf_name("mtp.0.norm.weight", 61) == "model.layers.61.shared_head.norm.weight"
+    with pytest.raises(ValueError, match="layers.0.attn.rotary.weight: no Hugging Face name"):
+        hf_name("layers.0.attn.rotary.weight", 61)
+
+
 def test_hf_first_layers_only(tmp_path):
     model = make(n_layers=4)
     save_hf(model, tmp_path / "hf")
@@ -354,11 +364,13 @@ def hand_written_hf(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Ten
                p + "self_attn.q_b_proj.weight": r(h * cfg.qk_head_dim, cfg.q_lora_rank),
                p + "self_attn.kv_a_proj_with_mqa.weight": r(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d),
                p + "self_attn.kv_a_layernorm.weight": r(cfg.kv_lora_rank),
-               p + "self_attn.kv_b_proj.weight": r(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+               p + "self_attn.kv_b_proj.weight": r(h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                                   cfg.kv_lora_rank),
                p + "self_attn.o_proj.weight": r(d, h * cfg.v_head_dim),
                p + "self_attn.rotary_emb.inv_freq": r(cfg.qk_rope_head_dim // 2)}
         if i < cfg.n_dense_layers:
-            sd |= {p + "mlp.gate_proj.weight": r(cfg.inter_dim, d), p + "mlp.up_proj.weight": r(cfg.inter_dim, d),
+            sd |= {p + "mlp.gate_proj.weight": r(cfg.inter_dim, d),
+                   p + "mlp.up_proj.weight": r(cfg.inter_dim, d),
                    p + "mlp.down_proj.weight": r(d, cfg.inter_dim)}
             continue
         sd |= {p + "mlp.gate.weight": r(cfg.n_routed_experts, d),
@@ -369,7 +381,8 @@ def hand_written_hf(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Ten
                    p + f"mlp.{e}.down_proj.weight": r(d, cfg.moe_inter_dim)}
         if i >= L:  # the MTP layer, with copies of the embedding and head
             sd |= {p + "enorm.weight": r(d), p + "hnorm.weight": r(d), p + "eh_proj.weight": r(d, 2 * d),
-                   p + "shared_head.norm.weight": r(d), p + "embed_tokens.weight": sd["model.embed_tokens.weight"],
+                   p + "shared_head.norm.weight": r(d),
+                   p + "embed_tokens.weight": sd["model.embed_tokens.weight"],
                    p + "shared_head.head.weight": sd["lm_head.weight"]}
     return sd
 
@@ -377,7 +390,8 @@ def hand_written_hf(cfg: ModelConfig, g: torch.Generator) -> dict[str, torch.Ten
 def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], quant: bool = False):
     """Two shards + model.safetensors.index.json, as the release is laid out."""
     path.mkdir()
-    hf_cfg = cfg.to_hf_config() | ({"quantization_config": {"weight_block_size": [128, 128]}} if quant else {})
+    quant_cfg = {"quantization_config": {"weight_block_size": [128, 128]}} if quant else {}
+    hf_cfg = cfg.to_hf_config() | quant_cfg
     (path / "config.json").write_text(json.dumps(hf_cfg))
     names = list(sd)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
@@ -450,19 +464,24 @@ def test_hf_errors_name_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=re.escape(
             "model.layers.0.self_attn.q_a_proj.weight (ours: layers.0.attn.wq_a.weight): "
             "shape (8, 32) in checkpoint, model expects (16, 32)")):
-        attempt("shape", lambda sd: sd.update({"model.layers.0.self_attn.q_a_proj.weight": torch.ones(8, 32)}))
+        attempt("shape", lambda sd: sd.update(
+            {"model.layers.0.self_attn.q_a_proj.weight": torch.ones(8, 32)}))
     extra = {"model.layers.1.mlp.experts.9.up_proj.weight": torch.ones(2)}
-    with pytest.raises(ValueError, match=re.escape("model.layers.1.mlp.experts.9.up_proj.weight: unexpected")):
+    unexpected = "model.layers.1.mlp.experts.9.up_proj.weight: unexpected"
+    with pytest.raises(ValueError, match=re.escape(unexpected)):
         attempt("unexpected", lambda sd: sd.update(extra))
     attempt("lenient", lambda sd: sd.update(extra), strict=False)
 
     fp8_name = "model.layers.1.mlp.experts.2.down_proj.weight"
     q, s = quantize_block_fp8(base[fp8_name])
     with pytest.raises(ValueError, match=re.escape(
-            f"{fp8_name} (ours: layers.1.ffn.experts.2.w2.weight): float8 tensor without its {fp8_name}_scale_inv")):
+            f"{fp8_name} (ours: layers.1.ffn.experts.2.w2.weight): float8 tensor without its "
+            f"{fp8_name}_scale_inv")):
         attempt("noscale", lambda sd: sd.update({fp8_name: q}), quant=True)
-    with pytest.raises(ValueError, match=re.escape(f"{fp8_name}_scale_inv: shape (2, 1) in checkpoint, expected (1, 1)")):
-        attempt("badscale", lambda sd: sd.update({fp8_name: q, fp8_name + "_scale_inv": s.repeat(2, 1)}), quant=True)
+    bad_scale = f"{fp8_name}_scale_inv: shape (2, 1) in checkpoint, expected (1, 1)"
+    with pytest.raises(ValueError, match=re.escape(bad_scale)):
+        attempt("badscale", lambda sd: sd.update({fp8_name: q, fp8_name + "_scale_inv": s.repeat(2, 1)}),
+                quant=True)
     model = attempt("goodscale", lambda sd: sd.update({fp8_name: q, fp8_name + "_scale_inv": s}), quant=True)
     assert torch.equal(model.layers[1].ffn.experts[2].w2.weight, q.float() * s)
 
@@ -474,7 +493,8 @@ def test_hf_errors_name_the_tensor(tmp_path):
 
     with pytest.raises(ValueError, match=re.escape("model.layers.3.embed_tokens.weight: shape (64, 16)")):
         attempt("badcopy", lambda sd: sd.update({"model.layers.3.embed_tokens.weight": torch.ones(64, 16)}))
-    attempt("nocopies", lambda sd: [sd.pop(f"model.layers.3.{n}.weight") for n in ("embed_tokens", "shared_head.head")])
+    attempt("nocopies", lambda sd: [sd.pop(f"model.layers.3.{n}.weight")
+                                    for n in ("embed_tokens", "shared_head.head")])
 
     save_hf(make(), tmp_path / "gone")
     (tmp_path / "gone" / "config.json").unlink()

@@ -8,6 +8,7 @@ here: a per-token MoE loop, a full forward for the cache, plain RoPE for YaRN, a
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -797,3 +798,18 @@ def test_overfit_one_batch():
     assert abs(first[0] - uniform) < 0.5 and abs(first[1] - uniform) < 0.5  # started near uniform
     assert main.item() < 0.5, f"main loss {main.item():.3f} after {step + 1} steps"
     assert depth[0].item() < 0.5 * first[1]  # the MTP head learned the batch too
+
+
+def test_casting_keeps_rope_table_and_gate_bias():
+    """model.to(bf16) must not drop RoPE's imaginary part nor round the balancing bias."""
+    torch.manual_seed(0)
+    model = Transformer(small())
+    x = torch.randint(0, model.cfg.vocab_size, (1, 24))
+    ref = model(x, mtp=False).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "discards the imaginary part" warning either
+        model = model.to(torch.bfloat16)
+    assert model.freqs_cis.dtype == torch.complex64 and model.embed.weight.dtype == torch.bfloat16
+    assert all(layer.ffn.gate.bias.dtype == torch.float32 for layer in model.layers[model.cfg.n_dense_layers:])
+    got = model(x, mtp=False).logits.float()
+    assert (got - ref).norm() / ref.norm() < 0.05

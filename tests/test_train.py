@@ -96,3 +96,16 @@ def test_cli_trains_and_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert model.cfg == ModelConfig.preset("tiny")
     x = load_corpus().val[:17].unsqueeze(0)
     assert torch.isfinite(model(x).logits).all()
+
+
+def test_loss_free_balancing_runs_by_default_and_moves_only_biases():
+    model = small_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, TrainConfig(steps=3, lr=1e-12, **{k: v for k, v in FAST.items() if k != "lr"}), progress=False)
+    bias = model.layers[1].ffn.gate.bias
+    assert bias.abs().max() > 0  # γ = 0.01 per step: |b| is a multiple of 0.01 up to 0.03
+    assert torch.allclose(bias / 0.01, (bias / 0.01).round(), atol=1e-4) and bias.abs().max() <= 0.03 + 1e-6
+    off = small_model()
+    train(off, TrainConfig(steps=3, bias_update_speed=0.0, **FAST), progress=False)
+    assert off.layers[1].ffn.gate.bias.abs().max() == 0
+    assert all(torch.allclose(before[n], p, atol=1e-6) for n, p in model.named_parameters())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .dtypes import keep_dtype
 
 __all__ = ["MLP", "Gate", "MoE"]
 
@@ -49,6 +50,11 @@ class Gate(nn.Module):
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model (.to(torch.bfloat16)) must not round the bias: balancing moves it in steps of
+        # ~1e-3, below bf16's resolution near 1 (the official code keeps it in fp32 too).
+        return super()._apply(keep_dtype(fn, lambda t: t is self.bias), recurse)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities s (N, n_routed_experts) in float32 (the gate runs in high precision, V3 §3.3.1)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .mla import MLA, KVCache
+from .dtypes import keep_dtype
 from .moe import MLP, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -58,6 +59,10 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_modules))
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # the RoPE table stays complex64 (a cast to a real dtype would drop its imaginary part)
+        return super()._apply(keep_dtype(fn, torch.Tensor.is_complex), recurse)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
