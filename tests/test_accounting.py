@@ -4,10 +4,20 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dsv3lib.accounting import (H800_BF16_PEAK_FLOPS, H800_FP8_PEAK_FLOPS, V3_GPU_HOURS, flops_per_token,
-                                gpu_hours_per_trillion_tokens, implied_mfu, kv_cache_bytes_per_token,
-                                kv_cache_bytes_per_token_gqa, memory_summary, param_counts, training_cost,
-                                weight_bytes)
+from dsv3lib.accounting import (
+    H800_BF16_PEAK_FLOPS,
+    H800_FP8_PEAK_FLOPS,
+    V3_GPU_HOURS,
+    flops_per_token,
+    gpu_hours_per_trillion_tokens,
+    implied_mfu,
+    kv_cache_bytes_per_token,
+    kv_cache_bytes_per_token_gqa,
+    memory_summary,
+    param_counts,
+    training_cost,
+    weight_bytes,
+)
 from dsv3lib.config import ModelConfig
 from dsv3lib.model import Transformer
 

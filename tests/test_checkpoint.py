@@ -10,9 +10,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv3lib import checkpoint as ck
-from dsv3lib.checkpoint import (dequantize_block_fp8, hf_name, load, load_hf, load_training_state,
-                                load_weights_into, quantize_block_fp8, restore_rng_states, save, save_hf,
-                                save_training_state)
+from dsv3lib.checkpoint import (
+    dequantize_block_fp8,
+    hf_name,
+    load,
+    load_hf,
+    load_training_state,
+    load_weights_into,
+    quantize_block_fp8,
+    restore_rng_states,
+    save,
+    save_hf,
+    save_training_state,
+)
 from dsv3lib.config import ModelConfig
 from dsv3lib.model import Transformer
 

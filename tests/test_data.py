@@ -3,9 +3,17 @@ import math
 import pytest
 import torch
 
-from dsv3lib.data import (DOMAINS, SPLITS, ByteTokenizer, batches, bits_per_byte, eval_batches,
-                          load_corpus, unigram_entropy)
 from dsv3lib import data as data_mod
+from dsv3lib.data import (
+    DOMAINS,
+    SPLITS,
+    ByteTokenizer,
+    batches,
+    bits_per_byte,
+    eval_batches,
+    load_corpus,
+    unigram_entropy,
+)
 
 
 @pytest.fixture(scope="module")

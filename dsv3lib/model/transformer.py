@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .mla import MLA, KVCache
 from .dtypes import keep_dtype
+from .mla import MLA, KVCache
 from .moe import MLP, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
