@@ -57,7 +57,10 @@ def atomic_write_dir(directory: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
         for p in [*sorted(tmp.rglob("*"), reverse=True), tmp]:  # files before their directories
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)  # mkdtemp's 0700 is for the temp only
             _fsync(p)
         aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
         if target.exists():

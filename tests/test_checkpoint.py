@@ -514,3 +514,21 @@ def test_hf_errors_name_the_tensor(tmp_path):
     (tmp_path / "noshard" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         load_hf(tmp_path / "noshard")
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    """The temporary directory is private (mkdtemp: 0700); the checkpoint it becomes follows the umask."""
+    import os
+    import stat
+
+    from dsv3lib.checkpoint import save
+    from dsv3lib.config import ModelConfig
+    from dsv3lib.model import Transformer
+
+    old = os.umask(0o022)
+    try:
+        save(Transformer(ModelConfig.preset("tiny", n_layers=1, n_dense_layers=1, n_mtp_modules=0)), tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ck" / "model.safetensors").stat().st_mode) == 0o644
