@@ -76,13 +76,15 @@ class Transformer(nn.Module):
             if name.endswith("gate.bias"):
                 b.zero_()
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
-        """One KVCache per main-model layer, in the dtype/device of the weights."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, mtp: bool = False) -> list[KVCache]:
+        """One cache per main-model layer (or, with ``mtp=True``, per MTP module), in the dtype and on
+        the device of the weights. Speculative decoding (chapter 4) keeps both kinds."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= self.cfg.max_seq_len:
             raise ValueError(f"max_len: {max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
         w = self.embed.weight
-        return [KVCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in self.layers]
+        n = len(self.mtp) if mtp else len(self.layers)
+        return [KVCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list[KVCache] | None) -> None:
         if tokens.dim() != 2:
