@@ -128,7 +128,9 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
         first, _ = choose(model.head(h0[0, -1]))
         seq.append(first)
         stats.sources.append("main")
-        hidden = [h0] + [h0[:, :0]] * depth  # hidden[k]: depth-k outputs for positions 0.. (k = 0: main)
+        # hidden[k][:, i]: depth-k output at position i (k = 0: the main model's final hidden state)
+        hidden = [h0.new_zeros(1, max_len, model.cfg.dim) for _ in range(depth + 1)]
+        hidden[0][:, :h0.size(1)] = h0
         valid = [len(seq) - 1] + [0] * depth  # leading positions of hidden[k] computed from committed tokens
 
         while len(seq) - prompt_len < max_new_tokens and not (eos_id is not None and seq[-1] == eos_id):
@@ -141,7 +143,7 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
                 ids = torch.tensor([(seq + drafts)[start + k:end + k]], device=device)
                 h = model.mtp[k - 1](hidden[k - 1][:, start:end], model.embed(ids), model.freqs_cis[start:end],
                                      start, mtp_cache[k - 1])
-                hidden[k] = torch.cat([hidden[k][:, :start], h], dim=1)
+                hidden[k][:, start:end] = h
                 valid[k] = max(0, min(n - k, valid[k - 1]))
                 token, probs = choose(model.head(h[0, -1]))
                 drafts.append(token)
@@ -175,7 +177,7 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
             if eos_id is not None and eos_id in new:
                 new = new[:new.index(eos_id) + 1]
                 stats.sources = stats.sources[:len(seq) - prompt_len + len(new)]
-            hidden[0] = torch.cat([hidden[0][:, :n - 1], hv[:, :len(new)]], dim=1)
+            hidden[0][:, n - 1:n - 1 + len(new)] = hv[:, :len(new)]
             seq.extend(new)
             valid[0] = len(seq) - 1
     finally:

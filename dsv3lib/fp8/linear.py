@@ -1,0 +1,149 @@
+"""``FP8Linear``: a Linear layer whose three GEMMs run in block-scaled FP8, and ``convert_to_fp8`` (chapter 1).
+
+V3 §3.3 / Fig. 6: Fprop (y = x Wᵀ), Dgrad (dx = dy W) and Wgrad (dW = dyᵀ x) all take E4M3 inputs and
+accumulate in FP32, with scales applied per 128-element K block:
+
+=======  ==================  =========================  ===================  ====================
+GEMM     out (M×N form)      A operand, 1×128 tiles      B operand            contraction (K)
+=======  ==================  =========================  ===================  ====================
+Fprop    y  (tokens, out)    x, along in-features        W, 128×128 blocks    in-features
+Dgrad    dx (tokens, in)     dy, along out-features      Wᵀ, same blocks ᵀ    out-features
+Wgrad    dW (out, in)        dyᵀ, along tokens           xᵀ, along tokens     tokens
+=======  ==================  =========================  ===================  ====================
+
+The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled along tokens there
+(dequantise, transpose, requantise: §3.5.2). The weight parameter stays the FP32 master copy that the
+optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
+the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gemm, quant
+
+__all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear"]
+
+
+def _pad_rows(t: torch.Tensor, block: int) -> torch.Tensor:
+    pad = -t.shape[0] % block
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ (+ b) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs (FP32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int):
+        N, K = weight.shape
+        x2 = x.reshape(-1, K)  # (M, K)
+        xq, xs = gemm.act_quant(x2, block_size, name="FP8Linear input")  # (M, K), (M, K/128)
+        wq, ws = gemm.weight_quant(weight, block_size, name="FP8Linear weight")  # (N, K), (N/128, K/128)
+        y = gemm.fp8_gemm(xq, xs, wq, ws, block_size=block_size)  # Fprop, (M, N) fp32
+        if bias is not None:
+            y = y + bias.float()
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.block_size, ctx.has_bias, ctx.x_shape, ctx.w_dtype = block_size, bias is not None, x.shape, weight.dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, wq, ws = ctx.saved_tensors
+        bs = ctx.block_size
+        N, K = wq.shape
+        dy2 = dy.reshape(-1, N).float()  # (M, N)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W; Wᵀ's blocks are W's blocks transposed
+            dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
+            wtq = wq.view(torch.uint8).t().contiguous().view(wq.dtype)  # (K, N)
+            dx = gemm.fp8_gemm(dyq, dys, wtq, ws.t().contiguous(), block_size=bs)  # (M, K)
+            dx = dx.to(dy.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1] and dy2.shape[0] == 0:  # no tokens (an idle expert)
+            dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
+        elif ctx.needs_input_grad[1]:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
+            x_hp = quant.act_dequant(xq, xs, bs)  # (M, K): re-tile the cached FP8 input
+            dyt = _pad_rows(dy2, bs).t().contiguous()  # (N, Mp)
+            xt = _pad_rows(x_hp, bs).t().contiguous()  # (K, Mp)
+            dytq, dyts = gemm.act_quant(dyt, bs, name="FP8Linear grad_output")
+            xtq, xts = gemm.act_quant(xt, bs, name="FP8Linear input")
+            dw = gemm.fp8_gemm(dytq, dyts, xtq, xts, block_size=bs)  # (N, K) fp32 for the FP32 master weight
+        if dw is not None:
+            dw = dw.to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               block_size: int = 128) -> torch.Tensor:
+    """Functional form of :class:`FP8Linear`."""
+    return FP8LinearFunction.apply(x, weight, bias, block_size)
+
+
+class FP8Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` whose forward and backward GEMMs are block-scaled FP8.
+
+    ``weight`` (and ``bias``) are ordinary FP32 parameters — the master copy the optimizer sees; the
+    gradient arriving in ``weight.grad`` is the FP32 output of the Wgrad GEMM.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 128,
+                 device=None, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.block_size = block_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 128) -> FP8Linear:
+        """An FP8Linear sharing ``linear``'s parameters (made FP32 if they are not already)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.block_size = linear.in_features, linear.out_features, block_size
+        w = linear.weight
+        new.weight = w if w.dtype == torch.float32 else nn.Parameter(w.detach().float())
+        b = linear.bias
+        new.bias = b if b is None or b.dtype == torch.float32 else nn.Parameter(b.detach().float())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.block_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", block_size={self.block_size}"
+
+
+DEFAULT_SKIP = ("head", "*.head", "*embed*", "*gate*")
+
+
+def convert_to_fp8(model: nn.Module, *, skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 128) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` for an :class:`FP8Linear` sharing its parameters, in place.
+
+    What the paper keeps in high precision stays as it is (V3 §3.3.1): the embedding (an ``nn.Embedding``),
+    the output head (the Linear named ``head``, matched by ``skip``), the MoE router (``Gate`` uses
+    ``F.linear`` on its own weight, not an ``nn.Linear``), norms and attention operators (not Linears).
+    ``skip``: fnmatch patterns on qualified module names. Call it before creating the optimizer.
+    Returns the model; ``model.fp8_converted`` lists the swapped names.
+
+    A MoE's ``routed_grouped`` path multiplies the stacked expert weights directly (``torch._grouped_mm``),
+    bypassing the Linear modules, so a model with ``grouped_mm = True`` anywhere is refused.
+    """
+    grouped = [n for n, m in model.named_modules() if getattr(m, "grouped_mm", False)]
+    if grouped:
+        raise ValueError(f"convert_to_fp8: {grouped[0]}.grouped_mm is True; its grouped GEMMs would bypass "
+                         "FP8Linear. Set grouped_mm = False to train the experts in FP8")
+    skip = tuple(skip)
+    converted = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or any(fnmatch.fnmatchcase(full, p) for p in skip):
+                continue
+            setattr(module, child_name, FP8Linear.from_linear(child, block_size))
+            converted.append(full)
+    model.fp8_converted = converted
+    return model
