@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["ModelConfig", "PRESETS"]
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
+_ATTN_IMPLS = ("absorb", "naive")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class ModelConfig:
     qk_nope_head_dim: int = 32  # per-head query/key part without RoPE
     qk_rope_head_dim: int = 16  # decoupled RoPE part (one key shared by all heads)
     v_head_dim: int = 32
+    # how attention runs *with a cache* (chapter 2): "absorb" caches only the normed latent c_KV and the
+    # shared RoPE key (kv_lora_rank + qk_rope_head_dim numbers per token per layer) and folds wkv_b into
+    # the query and output, as DeepSeek's inference code does; "naive" caches expanded per-head K and V.
+    # Weights are the same either way; a forward without a cache (training) always expands (naive),
+    # which is cheaper for whole sequences. See dsv3lib.model.mla.
+    attn_impl: str = "absorb"
 
     # moe (V3 §2.1.2)
     moe_inter_dim: int = 64  # hidden width of each routed/shared expert
@@ -128,6 +135,8 @@ class ModelConfig:
             raise ValueError(f"qk_rope_head_dim: must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.beta_slow > self.beta_fast:
             raise ValueError(f"beta_slow: {self.beta_slow} must not exceed beta_fast={self.beta_fast}")
+        if self.attn_impl not in _ATTN_IMPLS:
+            raise ValueError(f"attn_impl: must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.score_func not in _SCORE_FUNCS:
             raise ValueError(f"score_func: must be one of {_SCORE_FUNCS}, got {self.score_func!r}")
         if self.n_moe_layers > 0 or self.n_mtp_modules > 0:  # MTP blocks are MoE blocks too

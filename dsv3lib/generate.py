@@ -1,7 +1,7 @@
 """Autoregressive generation with the KV cache: greedy, temperature and top-p sampling (chapter 0).
 
-Chapter 2 swaps in the latent (absorbed) cache and chapter 4 adds speculative decoding with the MTP
-module as the drafter; both must reproduce :func:`generate`'s greedy output exactly.
+The cache is the latent (absorbed) one of chapter 2 unless the config says ``attn_impl="naive"``;
+chapter 4's speculative decoding (:mod:`dsv3lib.speculative`) reproduces this greedy output exactly.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dsv3lib.model import (
 
 # --------------------------------------------------------------------------------------- 8. MLA internals
 def test_mla_cache_contents():
-    cfg = small(n_heads=4)
+    cfg = small(n_heads=4, attn_impl="naive")
     model = make_model(cfg)
     B, T, L = 2, 6, 8
     tokens = random_tokens(cfg, B, T)

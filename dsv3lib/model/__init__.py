@@ -1,6 +1,6 @@
 """Single-device reference DeepSeek-V3 in plain PyTorch (chapter 0)."""
 
-from .mla import MLA, KVCache
+from .mla import MLA, KVCache, LatentCache, new_layer_cache
 from .moe import MLP, Gate, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -8,6 +8,6 @@ from .rope import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from .transformer import Block, ModelOutput, Transformer, mtp_loss
 
 __all__ = [
-    "MLA", "KVCache", "MLP", "Gate", "MoE", "MTPModule", "RMSNorm", "apply_rotary_emb",
+    "MLA", "KVCache", "LatentCache", "new_layer_cache", "MLP", "Gate", "MoE", "MTPModule", "RMSNorm", "apply_rotary_emb",
     "precompute_freqs_cis", "rope_frequencies", "Block", "ModelOutput", "Transformer", "mtp_loss",
 ]

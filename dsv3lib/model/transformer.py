@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .dtypes import keep_dtype
-from .mla import MLA, KVCache
+from .mla import MLA, KVCache, LatentCache, new_layer_cache
 from .moe import MLP, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -76,15 +76,18 @@ class Transformer(nn.Module):
             if name.endswith("gate.bias"):
                 b.zero_()
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, *, mtp: bool = False) -> list[KVCache]:
+    def new_cache(self, batch_size: int, max_len: int | None = None, *,
+                  mtp: bool = False) -> list[KVCache | LatentCache]:
         """One cache per main-model layer (or, with ``mtp=True``, per MTP module), in the dtype and on
-        the device of the weights. Speculative decoding (chapter 4) keeps both kinds."""
+        the device of the weights. Speculative decoding (chapter 4) keeps both kinds. The kind follows
+        ``cfg.attn_impl``: a :class:`LatentCache` ("absorb", the default; chapter 2) or a
+        :class:`KVCache` of expanded keys and values ("naive"); each MLA attends the way its cache needs."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= self.cfg.max_seq_len:
             raise ValueError(f"max_len: {max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
         w = self.embed.weight
         n = len(self.mtp) if mtp else len(self.layers)
-        return [KVCache.empty(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
+        return [new_layer_cache(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list[KVCache] | None) -> None:
         if tokens.dim() != 2:
