@@ -26,7 +26,27 @@ import torch
 from .generate import _as_batch, top_p_filter
 from .model import Transformer
 
-__all__ = ["SpecStats", "speculative_generate", "accept_or_resample"]
+__all__ = ["SpecStats", "speculative_generate", "accept_or_resample", "expected_tokens_per_forward"]
+
+
+def expected_tokens_per_forward(acceptance: float | Sequence[float], depth: int | None = None) -> float:
+    """Mean tokens per main-model forward with ``depth`` drafts per round.
+
+    ``acceptance`` is one probability for every depth, or a list of per-depth conditional probabilities
+    (depth k is accepted with probability a_k given that depths < k were). A round yields the accepted
+    prefix plus one token of the main model's own: 1 + a_1 + a_1·a_2 + ... (= (1 − p^(D+1)) / (1 − p)
+    for a constant p).
+    """
+    rates = [float(acceptance)] * (depth or 1) if isinstance(acceptance, (int, float)) else list(acceptance)
+    if depth is not None:
+        rates = rates[:depth]
+    if any(not 0 <= a <= 1 for a in rates):
+        raise ValueError(f"acceptance: probabilities must lie in [0, 1], got {rates}")
+    total, reach = 1.0, 1.0
+    for a in rates:
+        reach *= a
+        total += reach
+    return total
 
 
 @dataclass

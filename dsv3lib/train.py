@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import checkpoint
-from .balancing import BiasBalancer
+from .balancing import BiasBalancer, balance_loss, record_routing
 from .config import ModelConfig
 from .data import batches, eval_batches, load_corpus, unigram_entropy
 from .model import Transformer, mtp_loss
@@ -47,6 +47,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     mtp_lambda: float = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
     bias_update_speed: float = 0.01  # γ of loss-free balancing (V3: 0.001); 0 turns balancing off
+    aux_loss_alpha: float = 0.0  # α of an auxiliary balance loss added to the loss (V3: 1e-4); 0: none
+    aux_loss: str = "sequence"  # "sequence" (V3 eq. 17–20) or "batch" (Switch/GShard, Wang et al. eq. 2)
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end (when an output directory is given)
@@ -57,13 +59,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ["warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "mtp_lambda",
-                     "bias_update_speed"]:
+                     "bias_update_speed", "aux_loss_alpha"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.aux_loss not in ("sequence", "batch"):
+            raise ValueError(f"aux_loss: must be 'sequence' or 'batch', got {self.aux_loss!r}")
 
 
 @dataclass
@@ -71,7 +75,7 @@ class History:
     """Losses per step (train) and per evaluation (val), in nats per token."""
 
     step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)  # the optimised total: main + λ·mean(MTP)
+    loss: list[float] = field(default_factory=list)  # the optimised total: main + λ·mean(MTP) (+ aux loss)
     main_loss: list[float] = field(default_factory=list)
     mtp_loss: list[list[float]] = field(default_factory=list)  # per step, one value per depth
     lr: list[float] = field(default_factory=list)
@@ -173,6 +177,7 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
 
     if tcfg.bias_update_speed > 0:
         callbacks = [BiasBalancer(model, tcfg.bias_update_speed), *callbacks]
+    aux_gates = record_routing(model) if tcfg.aux_loss_alpha > 0 else []  # gates keep scores for the aux loss
     model.train()
     t0 = time.perf_counter() - history.seconds
     bar = _progress(tcfg.steps, start, progress)
@@ -182,8 +187,12 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, main, depth = mtp_loss(model(x), y, tcfg.mtp_lambda)
+        if tcfg.aux_loss_alpha > 0:
+            loss = loss + balance_loss(model, tcfg.aux_loss, tcfg.aux_loss_alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for gate in aux_gates:  # a gate skipped in the next forward must not offer this step's freed graph
+            gate.last_scores = None
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
         optimizer.step()
 
@@ -207,6 +216,8 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
                                            extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
         bar.update(1)
     bar.close()
+    if tcfg.aux_loss_alpha > 0:
+        record_routing(model, False)
     return history
 
 
@@ -218,7 +229,8 @@ def main(argv: list[str] | None = None) -> History:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
-    knobs = ["batch_size", "seq_len", "lr", "warmup_steps", "mtp_lambda", "bias_update_speed", "eval_every",
+    knobs = ["batch_size", "seq_len", "lr", "warmup_steps", "mtp_lambda", "bias_update_speed", "aux_loss_alpha",
+             "aux_loss", "eval_every",
              "checkpoint_every", "seed"]
     for name in knobs:
         default = getattr(TrainConfig, name)

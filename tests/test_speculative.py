@@ -124,3 +124,14 @@ def test_bad_arguments(kwargs, field):
         speculative_generate(model, [1, 2, 3], **kwargs)
     with pytest.raises(ValueError, match="^prompt"):
         speculative_generate(model, [[1, 2], [3, 4]], 5)
+
+
+def test_expected_tokens_per_forward():
+    from dsv3lib.speculative import expected_tokens_per_forward as e
+
+    assert e(0.85) == pytest.approx(1.85)
+    assert e(0.5, depth=3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert e([0.9, 0.5]) == pytest.approx(1 + 0.9 + 0.45)
+    assert e(0.0, depth=4) == 1.0
+    with pytest.raises(ValueError, match="^acceptance"):
+        e(1.5)

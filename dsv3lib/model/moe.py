@@ -38,6 +38,11 @@ class Gate(nn.Module):
     ``bias`` is a buffer, not a parameter: no gradient reaches it; a balancing rule updates it between
     steps (chapter 3). ``last_counts`` holds the number of tokens each expert received in the latest
     forward pass, for such rules and for load statistics.
+
+    With ``record = True`` the gate also keeps, for the latest forward, the differentiable affinities
+    ``last_scores`` (N, n_routed_experts), the chosen ``last_indices`` (N, topk) and ``last_shape``, the
+    token shape (B, T) of the caller: what the auxiliary balancing losses of chapter 3 need. Off by
+    default, so a forward pass does not keep its scores' graph alive past the step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -50,6 +55,10 @@ class Gate(nn.Module):
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.record = False
+        self.last_scores: torch.Tensor | None = None  # (N, n_routed_experts) float32, with grad
+        self.last_indices: torch.Tensor | None = None  # (N, topk)
+        self.last_shape: tuple[int, ...] | None = None  # token shape, e.g. (B, T)
 
     def _apply(self, fn, recurse=True):
         # Casting the model (.to(torch.bfloat16)) must not round the bias: balancing moves it in steps of
@@ -73,8 +82,11 @@ class Gate(nn.Module):
             biased = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).flatten(1)
         return biased.topk(self.topk, dim=-1).indices
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: x (N, dim). Returns: weights (N, topk) in x's dtype, indices (N, topk) long."""
+    def forward(self, x: torch.Tensor, token_shape: tuple[int, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x (N, dim); token_shape: how the N tokens are laid out, e.g. (B, T) (default (1, N): one
+        sequence), recorded for the sequence-wise balancing loss. Returns: weights (N, topk) in x's dtype,
+        indices (N, topk) long."""
         scores = self.scores(x)
         indices = self.select(scores)
         weights = scores.gather(1, indices)  # raw affinities of the chosen experts (eq. 13)
@@ -82,11 +94,19 @@ class Gate(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)  # eq. 14
         weights = weights * self.cfg.route_scale
         self.last_counts = torch.bincount(indices.flatten(), minlength=self.weight.size(0)).detach()
+        if self.record:
+            self.last_scores, self.last_indices = scores, indices
+            self.last_shape = tuple(token_shape) if token_shape is not None else (1, x.size(0))
         return weights.to(x.dtype), indices
 
 
 class MoE(nn.Module):
-    """h' = Σ shared(u) + Σ_i g_i · expert_i(u) (eq. 12; the residual is added by the block)."""
+    """h' = Σ shared(u) + Σ_i g_i · expert_i(u) (eq. 12; the residual is added by the block).
+
+    Two interchangeable expert paths, same signature: :meth:`routed` (one call per expert on its
+    contiguous slice, the reference) and :meth:`routed_grouped` (all experts in three grouped GEMMs,
+    no host sync); ``grouped_mm = True`` makes forward use the latter (chapter 3 benchmarks both).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -96,12 +116,13 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
         )
+        self.grouped_mm = False  # forward through routed_grouped instead of routed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        weights, indices = self.gate(x)
-        y = self.routed(x, weights, indices)
+        weights, indices = self.gate(x, token_shape=shape[:-1])
+        y = (self.routed_grouped if self.grouped_mm else self.routed)(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
@@ -116,5 +137,23 @@ class MoE(nn.Module):
         xs = x[token_of]  # (N·topk, dim), grouped by expert
         chunks = xs.split(counts)
         out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if len(chunk)])
+        out = out * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`routed`, with every expert's w1, w3 and w2 applied as three grouped GEMMs
+        (``torch._grouped_mm`` over the expert-sorted rows, group boundaries ``offs``). The expert weights
+        are stacked on each call, so gradients still reach each expert's own Linear. CUDA needs bf16 and
+        sm90+; the CPU kernel takes float32 too."""
+        flat = indices.flatten()  # (N·topk,)
+        order = flat.argsort(stable=True)
+        token_of = order // indices.size(1)
+        offs = torch.bincount(flat, minlength=len(self.experts)).cumsum(0).to(torch.int32)  # group ends
+        xs = x[token_of]  # (N·topk, dim), grouped by expert
+        w1 = torch.stack([e.w1.weight for e in self.experts]).transpose(-2, -1)  # (E, dim, inter)
+        w3 = torch.stack([e.w3.weight for e in self.experts]).transpose(-2, -1)
+        w2 = torch.stack([e.w2.weight for e in self.experts]).transpose(-2, -1)  # (E, inter, dim)
+        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+        out = torch._grouped_mm(h, w2, offs=offs)  # (N·topk, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)

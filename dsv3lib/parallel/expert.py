@@ -1,0 +1,331 @@
+"""Expert parallelism: the routed experts of the model's own MoE layers sharded over EP ranks (chapter 3).
+
+V3 §3.2 trains with 64-way EP over 8 nodes; §3.2.2 limits each token to ≤ 4 nodes so that the
+all-to-all over InfiniBand stays cheap. Here, as a transform of the single-device model
+(:func:`shard_experts`), rank r of an EP group of size ep keeps experts
+[r·E/ep, (r+1)·E/ep) of every :class:`~dsv3lib.model.MoE` and drops the rest. The gate and the shared
+experts stay replicated; each rank routes its own tokens, then
+
+1. dispatch: sorts its (token, expert) pairs by expert — hence by owning rank — exchanges the counts,
+   and sends each rank its rows with one ``all_to_all_single`` of uneven splits;
+2. runs each local expert once on a contiguous slice of what it received;
+3. combine: sends the outputs back with the reverse ``all_to_all_single`` and adds them, weighted,
+   to their tokens (plus the local shared experts).
+
+The collectives are wrapped in :func:`all_to_all` (autograd: the backward is the reverse all-to-all),
+so gradients flow to the input and the expert weights. Works with gloo (CPU) and NCCL (GPU).
+
+Node-limited routing (V3 §2.1.2) and the IB bytes it saves: :func:`expected_groups_reached`,
+:func:`groups_reached`, :func:`alltoall_bytes_per_token`, :func:`node_limited_traffic`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import Gate, MoE
+
+__all__ = [
+    "all_to_all", "ExpertParallelMoE", "shard_experts", "ep_check", "run_ep_check",
+    "expected_groups_reached", "groups_reached", "alltoall_bytes_per_token", "node_limited_traffic",
+]
+
+
+# ---------------------------------------------------------------------------------------- all-to-all
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x, out_splits, in_splits, group):
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` along dim 0: rows ``in_splits[j]`` of x go to rank j, and
+    ``out_splits[j]`` rows come from rank j. The gradient travels back by the reverse all-to-all."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+# ------------------------------------------------------------------------------------ the EP layer
+class ExpertParallelMoE(nn.Module):
+    """One rank's share of a :class:`~dsv3lib.model.MoE`: its local routed experts, the replicated gate
+    and shared experts (the very modules of ``moe``, not copies). Same forward signature as MoE.
+
+    Every rank must build it from identical weights and call it the same number of times (each call is
+    two collectives, forward and backward alike). ``last_recv_counts`` (ep, E/ep): rows this rank's
+    experts received from each source rank in the latest forward.
+    """
+
+    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.group = group
+        self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.n_experts = len(moe.experts)
+        if self.n_experts % self.ep_size:
+            raise ValueError(f"n_routed_experts: {self.n_experts} experts do not split over {self.ep_size} ranks")
+        self.n_local = self.n_experts // self.ep_size
+        self.first = self.ep_rank * self.n_local  # global id of local expert 0
+        self.cfg = moe.cfg
+        self.gate = moe.gate
+        self.experts = nn.ModuleList(moe.experts[self.first:self.first + self.n_local])
+        self.shared_experts = moe.shared_experts
+        self.last_recv_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, dim)
+        weights, indices = self.gate(x, token_shape=shape[:-1])
+        y = self.routed(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ep, n_local = self.ep_size, self.n_local
+        flat = indices.flatten()  # (N·topk,)
+        order = flat.argsort(stable=True)  # by expert, hence by owning rank
+        token_of = order // indices.size(1)
+        send = torch.bincount(flat, minlength=self.n_experts).view(ep, n_local)  # (dest rank, local expert)
+        recv = torch.empty_like(send)  # (source rank, local expert)
+        dist.all_to_all_single(recv, send, group=self.group)  # 1. exchange the counts
+        self.last_recv_counts = recv
+        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+
+        xr = all_to_all(x[token_of], recv_splits, send_splits, self.group)  # (R, dim) by source, then expert
+        # 2. regroup by local expert: one contiguous slice each
+        local_id = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.flatten())
+        perm = local_id.argsort(stable=True)
+        chunks = xr[perm].split(recv.sum(0).tolist())
+        outs = [self.experts[e](c) for e, c in enumerate(chunks) if len(c)]
+        out = torch.cat(outs) if outs else xr[:0]
+        if torch.is_grad_enabled() and not out.requires_grad and self.experts[0].w1.weight.requires_grad:
+            out = out + 0 * self.experts[0].w1.weight.sum()  # no rows here: still join the backward collective
+        out = out[perm.argsort()]  # back to (source, expert) order
+
+        out = all_to_all(out, send_splits, recv_splits, self.group)  # 3. combine: (N·topk, dim), sorted
+        out = out * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every :class:`~dsv3lib.model.MoE` inside ``model`` (main layers and MTP blocks) by its
+    :class:`ExpertParallelMoE` shard, in place; returns ``model``. Non-local experts are dropped."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if isinstance(model, MoE):
+        raise TypeError("model: wrap a lone MoE with ExpertParallelMoE(moe) instead")
+    for name, moe in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, ExpertParallelMoE(moe, group))
+    return model
+
+
+# --------------------------------------------------------------- equality check (a spawnable worker)
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def ep_check(rank: int, world_size: int, init_file: str, result_file: str, cases: list[tuple[dict, int]],
+             seed: int = 0, model_check: bool = False) -> None:
+    """Worker for ``torch.multiprocessing.spawn``: EP over ``world_size`` gloo ranks vs one process.
+
+    For each case ``(overrides, tokens[, to_rank0])``, every rank builds the same seeded MoE (tiny preset +
+    ``overrides``, fp32), computes the single-process reference on every rank's tokens, then the sharded
+    layer on its own (2, tokens + 3·rank) tokens (uneven per rank). Rank 0 saves, per case, the maximum
+    absolute differences (output, input grad, expert grads gathered from all ranks, gate and shared
+    grads summed over ranks) to ``result_file``. ``to_rank0``: bias the gate so that every token picks
+    rank 0's experts only (the others receive nothing but must still join the collectives).
+    ``model_check``: one more result, a 2-layer Transformer (MoE layer + MTP block) through
+    :func:`shard_experts` against the unsharded model: logits, input-embedding and all parameter grads.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results = [_ep_case(rank, world_size, *case, seed=seed) for case in cases]
+        if model_check:
+            results.append(_model_case(rank, world_size, seed))
+        if rank == 0:
+            torch.save(results, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+
+
+def _ep_case(rank: int, world_size: int, overrides: dict, tokens: int, to_rank0: bool = False, *,
+             seed: int) -> dict[str, float]:
+    cfg = ModelConfig.preset("tiny", **overrides)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        moe.gate.weight.normal_(std=0.1, generator=g)
+        moe.gate.bias.copy_(torch.randn(cfg.n_routed_experts, generator=g) * 0.05)
+        if to_rank0:  # every token picks rank 0's experts: the other ranks' experts receive no rows
+            moe.gate.bias[:cfg.n_activated_experts] += 10.0
+    sizes = [tokens + 3 * r for r in range(world_size)]  # uneven token counts per rank
+    xs = [torch.randn(2, n, cfg.dim, generator=g) for n in sizes]
+    gs = [torch.randn(2, n, cfg.dim, generator=g) for n in sizes]
+
+    # the oracle: one process, every rank's tokens
+    x_ref = [x.clone().requires_grad_(True) for x in xs]
+    y_ref = [moe(x) for x in x_ref]
+    sum((y * gy).sum() for y, gy in zip(y_ref, gs)).backward()
+    ref_grads = {n: _grad(p) for n, p in moe.named_parameters()}
+    moe.zero_grad(set_to_none=True)
+
+    ep = ExpertParallelMoE(moe)
+    x = xs[rank].clone().requires_grad_(True)
+    y = ep(x)
+    (y * gs[rank]).sum().backward()
+
+    diffs = {"output": _max_diff(y, y_ref[rank]), "input_grad": _max_diff(x.grad, x_ref[rank].grad)}
+    local = torch.stack([torch.cat([_grad(p).flatten() for p in e.parameters()]) for e in ep.experts])
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    names = [n for n, _ in ep.experts[0].named_parameters()]
+    ref = torch.stack([torch.cat([ref_grads[f"experts.{e}.{n}"].flatten() for n in names])
+                       for e in range(cfg.n_routed_experts)])
+    diffs["expert_grads"] = _max_diff(torch.cat(gathered), ref)  # (E, params per expert), global order
+    for n, p in moe.named_parameters():  # replicated parameters: their grads add up over the ranks
+        if not n.startswith("experts."):
+            grad = _grad(p)
+            dist.all_reduce(grad)
+            key = "gate_grad" if n.startswith("gate.") else "shared_grads"
+            diffs[key] = max(diffs.get(key, 0.0), _max_diff(grad, ref_grads[n]))
+    diffs["received"] = float(ep.last_recv_counts.sum())
+    all_diffs = [None] * world_size
+    dist.all_gather_object(all_diffs, diffs)
+    merged = {k: max(d[k] for d in all_diffs) for k in diffs if k != "received"}
+    merged["min_received"] = min(d["received"] for d in all_diffs)  # rows some rank's experts got
+    return merged
+
+
+def _model_case(rank: int, world_size: int, seed: int) -> dict[str, float]:
+    import copy
+
+    from ..balancing import BiasBalancer
+    from ..model import Transformer
+
+    cfg = ModelConfig.preset("tiny", n_layers=2, max_seq_len=64)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(seed + 2)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 8 + 2 * r), generator=g) for r in range(world_size)]
+
+    w = torch.linspace(-1, 1, cfg.vocab_size)  # a loss whose gradients are O(1) per token
+
+    def loss_of(m, tokens):
+        out = m(tokens)
+        return out.logits, (out.logits * w).sum() + sum((t * w).sum() for t in out.mtp_logits)
+
+    sharded = shard_experts(copy.deepcopy(model))
+    ref_gates = [m for m in model.modules() if isinstance(m, Gate)]
+    ref_logits, ref_loss, ref_counts = [], 0.0, [torch.zeros_like(g.last_counts) for g in ref_gates]
+    for b in batches:
+        logits, loss = loss_of(model, b)
+        ref_logits.append(logits)
+        ref_loss = ref_loss + loss
+        for c, g in zip(ref_counts, ref_gates):
+            c += g.last_counts
+    ref_loss.backward()
+    logits, loss = loss_of(sharded, batches[rank])
+    loss.backward()
+    # the loss-free bias update from the loads of all ranks: identical on every rank, as one process
+    BiasBalancer(sharded, 0.01, reduce_loads=True).update()
+    gates = [m for m in sharded.modules() if isinstance(m, Gate)]
+    bias_ok = all(torch.equal(g.bias, 0.01 * torch.sign(c.float().mean() - c.float()))
+                  for g, c in zip(gates, ref_counts))
+    diffs = {"model_logits": _max_diff(logits, ref_logits[rank].detach()), "model_grads": 0.0,
+             "model_grad_scale": max(_grad(p).abs().max().item() for p in model.parameters()),
+             "model_bias_mismatch": float(not bias_ok)}
+    ref_params = dict(model.named_parameters())
+    for name, mod in sharded.named_modules():
+        if isinstance(mod, ExpertParallelMoE):
+            for j, e in enumerate(mod.experts):  # local expert j is global expert mod.first + j
+                for n, p in e.named_parameters():
+                    ref = ref_params[f"{name}.experts.{mod.first + j}.{n}"]
+                    diffs["model_grads"] = max(diffs["model_grads"], _max_diff(_grad(p), _grad(ref)))
+    for n, p in sharded.named_parameters():
+        if ".experts." not in n:  # replicated: grads add up over the ranks
+            grad = _grad(p)
+            dist.all_reduce(grad)
+            diffs["model_grads"] = max(diffs["model_grads"], _max_diff(grad, _grad(ref_params[n])))
+    all_diffs = [None] * world_size
+    dist.all_gather_object(all_diffs, diffs)
+    return {k: max(d[k] for d in all_diffs) for k in diffs}
+
+
+def run_ep_check(world_size: int, cases: list[tuple[dict, int]] = (({}, 5),), seed: int = 0,
+                 model_check: bool = False) -> list[dict]:
+    """Spawn ``world_size`` CPU processes running :func:`ep_check`; returns each case's max differences
+    (plus the whole-model result last when ``model_check``)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, result_file = os.path.join(tmp, "store"), os.path.join(tmp, "result.pt")
+        mp.spawn(ep_check, args=(world_size, init_file, result_file, list(cases), seed, model_check),
+                 nprocs=world_size, join=True)
+        return torch.load(result_file)
+
+
+# ------------------------------------------------------------------ node-limited routing and bytes
+def expected_groups_reached(n_experts: int, n_groups: int, topk: int, limit: int | None = None) -> float:
+    """Expected number of distinct groups (≙ nodes) a token's top-k experts lie in, when the k experts are
+    a uniformly random k-subset: of all experts (``limit=None``), or of the experts of ``limit`` groups
+    (node-limited routing; the bound is ``limit``). G·(1 − C(E − E/G, k) / C(E, k))."""
+    per = n_experts // n_groups
+    g, e = (n_groups, n_experts) if limit is None else (limit, limit * per)
+    if topk > e:
+        raise ValueError(f"topk: {topk} experts do not fit in {g} groups of {per}")
+    return g * (1 - math.comb(e - per, topk) / math.comb(e, topk))
+
+
+def groups_reached(indices: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Measured: (N,) number of distinct expert groups each token's chosen experts ``indices`` (N, k) hit."""
+    groups = indices // cfg.experts_per_group
+    hit = torch.zeros(indices.size(0), cfg.n_expert_groups, dtype=torch.bool, device=indices.device)
+    return hit.scatter_(1, groups, True).sum(1)
+
+
+def alltoall_bytes_per_token(cfg: ModelConfig, nodes: float, dispatch_bytes: int = 1,
+                             combine_bytes: int = 2) -> float:
+    """Bytes one token sends over IB per MoE layer: one copy per node reached (V3 §3.2.2 sends a token once
+    per node, then forwards it over NVLink), dispatched in FP8 (1 B) and combined in BF16 (2 B)."""
+    return nodes * cfg.dim * (dispatch_bytes + combine_bytes)
+
+
+def node_limited_traffic(cfg: ModelConfig, dispatch_bytes: int = 1, combine_bytes: int = 2) -> dict[str, float]:
+    """Nodes reached and IB bytes per token per MoE layer, with and without the group limit, for uniformly
+    random routing (groups ≙ nodes, as in V3: 8 groups × 32 experts, ≤ 4 nodes)."""
+    E, G, k, M = cfg.n_routed_experts, cfg.n_expert_groups, cfg.n_activated_experts, cfg.n_limited_groups
+    free = expected_groups_reached(E, G, k)
+    limited = expected_groups_reached(E, G, k, M)
+    b = dict(dispatch_bytes=dispatch_bytes, combine_bytes=combine_bytes)
+    return {
+        "nodes_unlimited": free, "nodes_limited": limited, "nodes_limit": float(M),
+        "bytes_unlimited": alltoall_bytes_per_token(cfg, free, **b),
+        "bytes_limited": alltoall_bytes_per_token(cfg, limited, **b),
+        "bytes_limit": alltoall_bytes_per_token(cfg, M, **b),
+        "bytes_all_nodes": alltoall_bytes_per_token(cfg, G, **b),
+    }
