@@ -2,6 +2,7 @@
 
     python bench/mtp.py                      # trains the tiny preset (~1 min on 2 CPU cores) and measures
     python bench/mtp.py --ckpt runs/tiny     # measures a checkpoint written by python -m dsv3lib.train
+    python bench/mtp.py --mtp-depth 2 --steps 1000   # two MTP modules: drafts of up to two tokens
     python bench/mtp.py --device cuda        # on a GPU (same model; pass --steps for a longer run)
 
 Prompts are windows of the held-out split, prose and code separately. Both decoders produce the same
@@ -38,6 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint directory (default: train the tiny preset first)")
     p.add_argument("--steps", type=int, default=400, help="training steps when no --ckpt is given")
+    p.add_argument("--mtp-depth", type=int, default=1, help="MTP modules to train when no --ckpt is given")
+    p.add_argument("--save", help="where to save the model trained here (a checkpoint directory)")
     p.add_argument("--prompts", type=int, default=6, help="prompts per domain")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=160)
@@ -49,9 +52,12 @@ def main() -> None:
         model = checkpoint.load(args.ckpt, device=device)
     else:
         torch.manual_seed(0)
-        model = Transformer(ModelConfig.preset("tiny")).to(device)
+        model = Transformer(ModelConfig.preset("tiny", n_mtp_modules=args.mtp_depth)).to(device)
         h = train(model, TrainConfig(steps=args.steps), progress=False)
-        print(f"trained tiny for {args.steps} steps in {h.seconds:.0f} s: val loss {h.val_loss[-1]:.3f}")
+        print(f"trained tiny (D={args.mtp_depth}) for {args.steps} steps in {h.seconds:.0f} s: "
+              f"val loss {h.val_loss[-1]:.3f}")
+        if args.save:
+            checkpoint.save(model, args.save)
     model.eval()
     if not model.mtp:
         raise SystemExit("the model has no MTP modules: nothing to draft with")

@@ -142,7 +142,10 @@ def evaluate(model: Transformer, tokens: torch.Tensor, *, batch_size: int = 16, 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=True)
+    # at most one refresh a second: every refresh of a notebook bar is a message to the front end, and a
+    # flood of them can overflow Jupyter's output channel (nbval then loses the end of the cell)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=True,
+                mininterval=1.0)
 
 
 def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor | None = None,
