@@ -38,8 +38,27 @@ from .rope import apply_rotary_emb
 __all__ = ["MLA", "KVCache", "LatentCache", "new_layer_cache", "causal_mask"]
 
 
+class _CacheSizes:
+    """Sizes shared by the cache kinds; each stores a tensor ``k`` of shape (B, max_len, ...)."""
+
+    k: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per cached token of this one layer."""
+        return self.nbytes // (self.batch_size * self.max_len)
+
+
 @dataclass
-class KVCache:
+class KVCache(_CacheSizes):
     """Per-layer cache of expanded keys and values (naive MLA), preallocated to ``max_len`` positions.
 
     Positions ``[0, start_pos)`` must have been written by earlier calls; a later call with a smaller
@@ -57,26 +76,13 @@ class KVCache:
         )
 
     @property
-    def batch_size(self) -> int:
-        return self.k.size(0)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(1)
-
-    @property
     def nbytes(self) -> int:
-        """Bytes held (all batch_size × max_len slots)."""
+        """Bytes held (all batch_size × max_len slots); per token: n_heads·(qk_head_dim + v_head_dim)·size."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes per cached token (this one layer): n_heads·(qk_head_dim + v_head_dim)·element size."""
-        return self.nbytes // (self.batch_size * self.max_len)
 
 
 @dataclass
-class LatentCache:
+class LatentCache(_CacheSizes):
     """Per-layer cache of absorbed MLA: per token, the normed latent c_KV and the rotated shared key k_R.
 
     Both live in one buffer ``k`` of width kv_lora_rank + qk_rope_head_dim, because that is what absorbed
@@ -106,22 +112,9 @@ class LatentCache:
         return self.k[..., self.kv_lora_rank:]
 
     @property
-    def batch_size(self) -> int:
-        return self.k.size(0)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(1)
-
-    @property
     def nbytes(self) -> int:
-        """Bytes held (all batch_size × max_len slots)."""
+        """Bytes held (all batch_size × max_len slots); per token: (kv_lora_rank + qk_rope_head_dim)·size."""
         return self.k.numel() * self.k.element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes per cached token (this one layer): (kv_lora_rank + qk_rope_head_dim)·element size."""
-        return self.nbytes // (self.batch_size * self.max_len)
 
 
 def new_layer_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
