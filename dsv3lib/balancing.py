@@ -58,7 +58,7 @@ class BiasBalancer:
         if not gamma > 0:
             raise ValueError(f"gamma: must be > 0, got {gamma}")
         self.gamma = gamma
-        self.gates = [m for m in model.modules() if isinstance(m, Gate)]
+        self.gates = gates_of(model)
         self.reduce_loads, self.group = reduce_loads, group
 
     @torch.no_grad()
@@ -183,7 +183,7 @@ class LoadRecorder:
 
     def heatmap(self, gate: int = 0, normalize: bool = True) -> torch.Tensor:
         """(steps, E) loads of gate number ``gate``; normalised to load / mean load (1 = balanced)."""
-        h = torch.stack([l[gate] for l in self.loads]).float()
+        h = torch.stack([step[gate] for step in self.loads]).float()
         return h / h.mean(-1, keepdim=True) if normalize else h
 
     def mean_max_vio(self) -> list[float]:

@@ -8,6 +8,7 @@ from .rope import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from .transformer import Block, ModelOutput, Transformer, mtp_loss
 
 __all__ = [
-    "MLA", "KVCache", "LatentCache", "new_layer_cache", "MLP", "Gate", "MoE", "MTPModule", "RMSNorm", "apply_rotary_emb",
+    "MLA", "KVCache", "LatentCache", "new_layer_cache", "MLP", "Gate", "MoE", "MTPModule", "RMSNorm",
+    "apply_rotary_emb",
     "precompute_freqs_cis", "rope_frequencies", "Block", "ModelOutput", "Transformer", "mtp_loss",
 ]

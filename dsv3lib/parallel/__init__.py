@@ -1,1 +1,4 @@
-"""Parallelism as transforms of the single-device model: expert parallelism (chapter 3), pipeline schedules and runtime (chapter 5)."""
+"""Parallelism as transforms of the single-device model.
+
+Expert parallelism (chapter 3); pipeline schedules, simulator and runtime (chapter 5).
+"""
