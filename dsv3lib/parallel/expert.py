@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -41,27 +42,34 @@ __all__ = [
 # ---------------------------------------------------------------------------------------- all-to-all
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all(x, out_splits, in_splits, group)
+    def forward(ctx, x, out_splits, in_splits, group, backward_group, log, name):
+        ctx.splits, ctx.group, ctx.log, ctx.name = (out_splits, in_splits), backward_group, log, name
+        return _all_to_all(x, out_splits, in_splits, group, log, name)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+        return _all_to_all(grad, in_splits, out_splits, ctx.group, ctx.log, ctx.name + " grad"), *[None] * 6
 
 
-def _all_to_all(x, out_splits, in_splits, group):
+def _all_to_all(x, out_splits, in_splits, group, log=None, name=""):
     out = x.new_empty(sum(out_splits), *x.shape[1:])
+    t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    if log is not None:
+        log.append((t0, time.perf_counter(), name))
     return out
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None, *, backward_group: dist.ProcessGroup | None = None,
+               log: list | None = None, name: str = "all-to-all") -> torch.Tensor:
     """Differentiable ``all_to_all_single`` along dim 0: rows ``in_splits[j]`` of x go to rank j, and
-    ``out_splits[j]`` rows come from rank j. The gradient travels back by the reverse all-to-all."""
-    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+    ``out_splits[j]`` rows come from rank j. The gradient travels back by the reverse all-to-all, over
+    ``backward_group`` if given (the same ranks in another group: backward collectives may then run in
+    another thread than forward ones, as the overlapped pipeline does). ``log``: a list that gets
+    ``(start, end, name)`` in ``time.perf_counter`` seconds for the forward and the backward exchange."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, backward_group or group, log, name)
 
 
 # ------------------------------------------------------------------------------------ the EP layer
@@ -71,12 +79,16 @@ class ExpertParallelMoE(nn.Module):
 
     Every rank must build it from identical weights and call it the same number of times (each call is
     two collectives, forward and backward alike). ``last_recv_counts`` (ep, E/ep): rows this rank's
-    experts received from each source rank in the latest forward.
+    experts received from each source rank in the latest forward. ``backward_group``: the backward's
+    all-to-alls go over this group (same ranks) instead. Set ``comm_log`` to a list to record every
+    exchange as ``(start, end, name)`` (``time.perf_counter`` seconds).
     """
 
-    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None):
+    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None, *,
+                 backward_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.group = group
+        self.group, self.backward_group = group, backward_group
+        self.comm_log: list | None = None
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.n_experts = len(moe.experts)
         if self.n_experts % self.ep_size:
@@ -105,11 +117,15 @@ class ExpertParallelMoE(nn.Module):
         token_of = order // indices.size(1)
         send = torch.bincount(flat, minlength=self.n_experts).view(ep, n_local)  # (dest rank, local expert)
         recv = torch.empty_like(send)  # (source rank, local expert)
+        t0 = time.perf_counter()
         dist.all_to_all_single(recv, send, group=self.group)  # 1. exchange the counts
+        if self.comm_log is not None:
+            self.comm_log.append((t0, time.perf_counter(), "counts"))
         self.last_recv_counts = recv
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
 
-        xr = all_to_all(x[token_of], recv_splits, send_splits, self.group)  # (R, dim) by source, then expert
+        kw = {"backward_group": self.backward_group, "log": self.comm_log}
+        xr = all_to_all(x[token_of], recv_splits, send_splits, self.group, name="dispatch", **kw)  # (R, dim)
         # 2. regroup by local expert: one contiguous slice each
         local_id = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.flatten())
         perm = local_id.argsort(stable=True)
@@ -120,12 +136,13 @@ class ExpertParallelMoE(nn.Module):
             out = out + 0 * self.experts[0].w1.weight.sum()  # no rows here: still join the backward collective
         out = out[perm.argsort()]  # back to (source, expert) order
 
-        out = all_to_all(out, send_splits, recv_splits, self.group)  # 3. combine: (N·topk, dim), sorted
+        out = all_to_all(out, send_splits, recv_splits, self.group, name="combine", **kw)  # 3. (N·topk, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *,
+                  backward_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replace every :class:`~dsv3lib.model.MoE` inside ``model`` (main layers and MTP blocks) by its
     :class:`ExpertParallelMoE` shard, in place; returns ``model``. Non-local experts are dropped."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -134,7 +151,7 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> n
     for name, moe in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, ExpertParallelMoE(moe, group))
+        setattr(parent, attr, ExpertParallelMoE(moe, group, backward_group=backward_group))
     return model
 
 

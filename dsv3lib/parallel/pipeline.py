@@ -11,16 +11,13 @@ MTP). For DualPipe, rank r holds stage r of direction 0 and stage PP−1−r of 
 lives on two ranks (the "2× parameters" of Table 2) and the two copies' gradients are added at the end of
 the step; DualPipeV's device d holds stages d and 2·PP−1−d of one direction (one copy).
 
-The zero-bubble split of the backward (``B`` input-grad, deferred ``W`` weight-grad):
-
-* full ``B``: ``autograd.backward(out, dy, inputs=[x, *params])`` -- input-grad and weight-grads at once;
-* input-grad ``B``: ``autograd.grad(out, x, dy, retain_graph=True)``; autograd prunes the weight-grad
-  GEMMs (dW = Xᵀ·dY) since no parameter was asked for; ``(out, dy)`` go into a small store;
-* ``W``: ``autograd.backward(out, dy, inputs=params)`` from the store, which frees the graph.
-
-This is numerically exact but not free: ``W`` walks the activation-grad chain again to reach the earlier
-layers' weights, so a measured ``W`` costs more than the ideal Xᵀ·dY alone. The official DualPipe avoids
-that with Linear layers whose backward pushes a weight-grad closure into a ``WeightGradStore``.
+The zero-bubble split of the backward (``B`` input-grad, deferred ``W`` weight-grad) uses a
+:class:`~dsv3lib.parallel.weight_grad.WeightGradStore`, as the official DualPipe does: on schedules with
+``W`` ops, stages run their forward under :meth:`~WeightGradStore.capture`, so every linear layer's
+backward can hand its dW = dYᵀ·X to the store instead of computing it. An input-grad ``B`` is a full
+``autograd.backward`` under :meth:`~WeightGradStore.defer` (it frees the graph; norm scales get their
+gradients here), and ``W`` runs the stored GEMMs (:meth:`~WeightGradStore.flush`). A full ``B`` (1F1B,
+or DualPipe's own) computes everything at once.
 
 The step loss is :func:`~dsv3lib.parallel.stages.mean_loss` of the per-micro-batch losses, which the
 last stages compute; every rank gets all of them (an all-reduce in which each entry is one rank's value plus
@@ -35,6 +32,7 @@ need the pair's ops grouped with ``batch_isend_irecv`` there -- untested. With N
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -42,6 +40,7 @@ import torch.distributed as dist
 
 from .schedules import Op, Schedule
 from .stages import make_schedule, mean_loss, micro_batches, reference_step, stages_for_rank
+from .weight_grad import WeightGradStore
 
 __all__ = ["PipelineRunner", "bubble_fractions", "op_durations", "pipeline_check", "run_pipeline_check"]
 
@@ -55,18 +54,23 @@ class PipelineRunner:
         stages: ``{(stage, direction): Stage}`` held by this rank (:func:`stages_for_rank`).
         rank, world: this rank and the number of pipeline ranks (DualPipeV: devices) in ``group``.
         group: the process group (default: the world group); ranks are group ranks.
+        overlap: run each ``FB`` pair's two halves concurrently (:meth:`_run_pair`), so that one half's
+            expert-parallel all-to-alls proceed while the other computes (:mod:`dsv3lib.parallel.hybrid`).
 
     After :meth:`step`, ``events`` holds this rank's measured timeline: ``(start, end, op)`` in seconds
-    since the step began (after a barrier), in the format :func:`dsv3lib.parallel.simulate.gantt` draws;
+    since ``t_start``, the step's start (after a barrier), in the format :func:`dsv3lib.parallel.simulate.gantt` draws;
     :meth:`gather_events` collects every rank's list. ``waits`` holds ``(start, end, key)`` of each
     blocking wait for a message (key = the consuming op's ``(kind, mb, stage, direction)``): the time
     communication was *not* hidden. Receives are posted one op ahead and sends are asynchronous, so a
     transfer normally proceeds under the neighbouring compute (in an ``FB`` pair, F's send travels while
-    B computes); the waits that remain are the pipeline's bubbles.
+    B computes); the waits that remain are the pipeline's bubbles. ``part_events`` has the same for each
+    simple op (an ``FB``'s two halves separately: they overlap in time when ``overlap`` is on).
     """
 
-    def __init__(self, schedule_name: str, stages: dict, rank: int, world: int, group=None):
+    def __init__(self, schedule_name: str, stages: dict, rank: int, world: int, group=None, *,
+                 overlap: bool = False):
         self.name, self.rank, self.world, self.group = schedule_name, rank, world, group
+        self.overlap = overlap
         self.stages = stages
         self._schedules: dict = {}
         held = set(make_schedule(schedule_name, world, 2 * world).stages_held(rank))
@@ -74,6 +78,8 @@ class PipelineRunner:
             raise ValueError(f"stages: {schedule_name} places {sorted(held)} on rank {rank}, got {sorted(stages)}")
         self.events: list = []
         self.waits: list = []
+        self.part_events: list = []
+        self._hold: list | None = None
 
     def schedule(self, num_chunks: int) -> Schedule:
         if num_chunks not in self._schedules:
@@ -118,6 +124,9 @@ class PipelineRunner:
         return []
 
     def _send(self, t: torch.Tensor, p: Op) -> None:
+        if self._hold is not None:  # inside an overlapped pair: sent after both halves, in op order
+            self._hold.append((t, p))
+            return
         (key, dst), = self._outputs(p)
         if dst == self.rank:
             self._local[key] = t
@@ -150,7 +159,7 @@ class PipelineRunner:
         self._taken.add(key)
         t0 = time.perf_counter()
         work.wait()
-        self.waits.append((t0 - self._t_start, time.perf_counter() - self._t_start, key))
+        self.waits.append((t0 - self.t_start, time.perf_counter() - self.t_start, key))
         return buf
 
     # -------------------------------------------------------------- compute (small verbs)
@@ -178,7 +187,11 @@ class PipelineRunner:
         st = self.stages[(p.stage, p.direction)]
         if not st.first:
             x.requires_grad_(True)
-        out = st(x)
+        if self._capture:  # linear layers' weight grads may wait for a W op
+            with self._store.capture():
+                out = st(x)
+        else:
+            out = st(x)
         if st.last:
             g = self._global(p.mb, p.direction)
             out = st.loss(out, self._data[g][1])
@@ -191,19 +204,18 @@ class PipelineRunner:
         st = self.stages[(p.stage, p.direction)]
         x, out = self._saved.pop(p.chunk)
         params = [q for q in st.parameters() if q.requires_grad]
-        if p.zb:  # input-grad only; the weight-grad waits in the store for its W
-            if not st.first:
-                dx, = torch.autograd.grad(out, x, dy, retain_graph=True)
-            self._w_store[p.chunk] = (out, dy, params)
+        inputs = ([] if st.first else [x]) + params
+        if p.zb:  # input-grad (and non-linear params); the linear layers' dW wait in the store for W
+            with self._store.defer(p.chunk):
+                torch.autograd.backward(out, dy, inputs=inputs)
         else:
-            torch.autograd.backward(out, dy, inputs=([] if st.first else [x]) + params)
-            dx = None if st.first else x.grad
+            torch.autograd.backward(out, dy, inputs=inputs)
+        dx = None if st.first else x.grad
         if not st.first:
             self._send(dx, p)
 
     def _weight_grad(self, p: Op) -> None:
-        out, dy, params = self._w_store.pop(p.chunk)
-        torch.autograd.backward(out, dy, inputs=params)
+        self._store.flush(p.chunk)
 
     def _run(self, op: Op, next_op: Op | None) -> None:
         for p in op.parts + (next_op.parts if next_op is not None else ()):
@@ -212,23 +224,61 @@ class PipelineRunner:
                 self._post(key)
         ins = [self._inputs_of(p) for p in op.parts]  # waits (a bubble) happen before the op starts
         t0 = time.perf_counter()
-        for p, x in zip(op.parts, ins):  # FB: F, then B; F's send overlaps B's compute
-            if p.kind == "F":
-                self._forward(p, x)
-            elif p.kind == "B":
-                self._backward(p, x)
-            else:
-                self._weight_grad(p)
-        self.events.append((t0 - self._t_start, time.perf_counter() - self._t_start, op))
+        if self.overlap and op.kind == "FB":
+            self._run_pair(op.parts, ins)
+        else:  # FB without overlap: F, then B; F's send still travels while B computes
+            for p, x in zip(op.parts, ins):
+                self._run_part(p, x)
+        self.events.append((t0 - self.t_start, time.perf_counter() - self.t_start, op))
+
+    def _run_part(self, p: Op, x) -> None:
+        t0 = time.perf_counter()
+        if p.kind == "F":
+            self._forward(p, x)
+        elif p.kind == "B":
+            self._backward(p, x)
+        else:
+            self._weight_grad(p)
+        self.part_events.append((t0 - self.t_start, time.perf_counter() - self.t_start, p))
+
+    def _run_pair(self, parts: tuple, ins: list) -> None:
+        """An overlapped ``FB``: the forward half runs in a second thread while this one runs the backward
+        half. torch releases the GIL in its kernels and in ``wait``, so whenever one half blocks on a
+        collective (an expert-parallel all-to-all) the other computes: the CPU analogue of DualPipe's
+        overlap, which on GPUs splits the SMs between the two. The halves' collectives use different
+        process groups (``ExpertParallelMoE(backward_group=...)``), so each group sees one thread, in the
+        same order on every rank. Both halves' sends are issued afterwards, in op order."""
+        (f, b), (xf, xb) = parts, ins
+        self._hold, errors = [], []
+
+        def forward_half():
+            try:
+                self._run_part(f, xf)
+            except Exception as err:  # noqa: BLE001 (re-raised in the calling thread)
+                errors.append(err)
+
+        helper = threading.Thread(target=forward_half, name=f"forward-half-rank{self.rank}")
+        helper.start()
+        try:
+            self._run_part(b, xb)
+        finally:
+            helper.join()
+            held, self._hold = self._hold, None
+        if errors:
+            raise errors[0]
+        for t, p in held:
+            self._send(t, p)
 
     # -------------------------------------------------------------- the step
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, num_chunks: int, *, loss_scale: float = 1.0
+             ) -> torch.Tensor:
         """One pipelined forward + backward of a (B, T) batch split into ``num_chunks`` micro-batches.
 
         Every rank passes the same ``inputs``/``labels`` (only the ranks holding the first and last
         stages read their values; the others need the shapes). Gradients accumulate into the stages'
         parameters (for DualPipe, the sum over both directions, identical on both copies). Returns the
-        step loss (:func:`mean_loss` of the per-micro-batch losses) on every rank.
+        step loss (:func:`mean_loss` of the per-micro-batch losses) on every rank. ``loss_scale``
+        multiplies the gradients (1/DP when data-parallel replicas' gradients are summed afterwards).
         """
         s = self._sched = self.schedule(num_chunks)
         any_stage = next(iter(self.stages.values()))
@@ -237,21 +287,23 @@ class PipelineRunner:
         self._data = [(x.to(self._device), y.to(self._device)) for x, y in micro_batches(inputs, labels, num_chunks)]
         b, t = self._data[0][0].shape
         self._shape = (b, t, any_stage.dim)  # every message: hidden states or their grads
-        self._seed = torch.ones((), dtype=torch.float32, device=self._device) / num_chunks  # d mean / d loss_i
+        seed = torch.ones((), dtype=torch.float32, device=self._device) * loss_scale
+        self._seed = seed / num_chunks  # d mean / d loss_i (as the reference's mean computes it)
         self._losses: dict = {}
         self._saved: dict = {}
-        self._w_store: dict = {}
+        self._store = WeightGradStore()
+        self._capture = any(p.kind == "W" for op in s.ops[self.rank] for p in op.parts)
         self._plan_receives()
         stash = self._stash_grads() if len(s.placement) == 2 else None
-        self.events, self.waits, self._taken = [], [], set()
+        self.events, self.waits, self.part_events, self._taken = [], [], [], set()
         dist.barrier(group=self.group)
-        self._t_start = time.perf_counter()
+        self.t_start = time.perf_counter()
         ops = s.ops[self.rank]
         for i, op in enumerate(ops):
             self._run(op, ops[i + 1] if i + 1 < len(ops) else None)
         for work, _ in self._sends:
             work.wait()
-        assert not self._saved and not self._w_store and not self._local, "schedule left work undone"
+        assert not self._saved and not len(self._store) and not self._local, "schedule left work undone"
         losses = torch.zeros(num_chunks, dtype=torch.float32, device=self._device)
         for g, v in self._losses.items():
             losses[g] = v

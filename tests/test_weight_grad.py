@@ -1,0 +1,105 @@
+"""WeightGradStore (dsv3lib.parallel.weight_grad): linear layers' dW wait for the W op and come out the same."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3lib.config import ModelConfig
+from dsv3lib.model import Transformer
+from dsv3lib.parallel.stages import build_stages
+from dsv3lib.parallel.weight_grad import WeightGradStore
+
+
+def _stage():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", n_layers=4, n_mtp_modules=0, max_seq_len=32))
+    return build_stages(model, 2)[1]  # the last stage: two MoE layers, norm, head
+
+
+def _linear_weights(module):
+    """Parameters used as F.linear weights: every nn.Linear's, plus the routers' (F.linear on self.weight)."""
+    ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    ids |= {id(m.weight) for m in module.modules() if type(m).__name__ == "Gate"}
+    return ids
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_deferred_grads_equal_plain_backward():
+    st = _stage()
+    x = torch.randn(2, 16, st.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    dy = torch.randn(2, 16, st.dim, generator=torch.Generator().manual_seed(2))
+    params = list(st.parameters())
+    torch.autograd.backward(st(x), dy, inputs=[x] + params)
+    ref, ref_dx = _grads(st), x.grad.clone()
+
+    st.zero_grad(set_to_none=True)
+    x.grad = None
+    store = WeightGradStore()
+    with store.capture():
+        out = st(x)
+    with store.defer("mb0"):
+        torch.autograd.backward(out, dy, inputs=[x] + params)
+    assert torch.equal(x.grad, ref_dx)  # B: the input grad is complete
+    linear = _linear_weights(st)
+    waiting = [n for n, p in st.named_parameters() if id(p) in linear and n in ref]
+    assert waiting and all(p.grad is None for n, p in st.named_parameters() if n in waiting)
+    assert all(p.grad is not None for n, p in st.named_parameters() if n in ref and n not in waiting)  # norms
+    assert len(store) == 1 and store.flush("mb0") >= len(waiting) and len(store) == 0  # W
+    got = _grads(st)
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_capture_without_defer_computes_at_once():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 5, 8)
+    store = WeightGradStore()
+    with store.capture():
+        y = lin(x)
+    y.square().sum().backward()
+    got = (lin.weight.grad.clone(), lin.bias.grad.clone())
+    lin.zero_grad(set_to_none=True)
+    lin(x).square().sum().backward()
+    torch.testing.assert_close(got, (lin.weight.grad, lin.bias.grad), rtol=0, atol=1e-6)
+    assert len(store) == 0
+
+
+def test_bias_deferred_and_accumulates_into_existing_grad():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(6, 8)
+    lin(x).sum().backward()
+    first = (lin.weight.grad.clone(), lin.bias.grad.clone())
+    store = WeightGradStore()
+    with store.capture():
+        y = lin(x)
+    with store.defer(0):
+        y.sum().backward()
+    assert torch.equal(lin.weight.grad, first[0]) and torch.equal(lin.bias.grad, first[1])  # not yet
+    store.flush(0)
+    torch.testing.assert_close((lin.weight.grad, lin.bias.grad), (2 * first[0], 2 * first[1]))
+
+
+def test_plain_tensors_and_no_grad_are_left_alone():
+    store = WeightGradStore()
+    w = torch.randn(4, 8, requires_grad=True)  # not a Parameter: not a layer's weight
+    x = torch.randn(2, 8)
+    with store.capture():
+        y = F.linear(x, w)
+        with torch.no_grad():
+            z = nn.Linear(8, 4)(x)
+    assert y.grad_fn.name() != "DeferredLinearBackward" and z.grad_fn is None
+
+
+def test_misuse_raises():
+    store = WeightGradStore()
+    with store.defer("a"):
+        pass
+    with pytest.raises(ValueError, match="already waiting"), store.defer("a"):
+        pass
+    with pytest.raises(KeyError, match="no weight gradients"):
+        store.flush("b")
