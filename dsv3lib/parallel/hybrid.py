@@ -33,7 +33,9 @@ from .expert import ExpertParallelMoE, shard_experts
 from .pipeline import PipelineRunner
 from .stages import mean_loss, micro_batches, micro_loss, stages_for_rank
 
-__all__ = ["HybridGroups", "comm_overlap", "hybrid_check", "make_groups", "replicated_params", "run_hybrid_check"]
+__all__ = [
+    "HybridGroups", "comm_overlap", "draw_overlap", "hybrid_check", "make_groups", "replicated_params", "run_hybrid_check",
+]
 
 
 @dataclass
@@ -194,3 +196,27 @@ def run_hybrid_check(pp: int, ep: int, cases: list, seed: int = 0, batch: tuple 
         mp.spawn(hybrid_check, args=(pp * ep, init_file, result_file, pp, ep, list(cases), seed, batch),
                  nprocs=pp * ep, join=True)
         return torch.load(result_file, weights_only=False)
+
+
+def draw_overlap(part_events: list, comm_log: list, ax=None, title: str | None = None):
+    """One rank's measured step as four rows: forward ops (and ``FB`` forward halves), backward ones (B, W),
+    each including its own exchanges, and the forward and backward all-to-alls (``comm_log``): an exchange
+    under the other direction's bar ran while the other half of a pair was busy. Times in ms; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(12, 2.4))
+    rows = {"forward ops": 0, "backward ops": 1, "forward all-to-all": 2, "backward all-to-all": 3}
+    colours = {0: "tab:blue", 1: "tab:orange", 2: "tab:cyan", 3: "tab:red"}
+    bars = [(rows["forward ops" if p.kind == "F" else "backward ops"], s, e) for s, e, p in part_events]
+    bars += [(rows["backward all-to-all" if n.endswith("grad") else "forward all-to-all"], s, e)
+             for s, e, n in comm_log]
+    for row, s, e in bars:
+        ax.barh(row, (e - s) * 1e3, left=s * 1e3, height=0.7, color=colours[row], edgecolor="black", linewidth=0.3)
+    ax.set_yticks(list(rows.values()))
+    ax.set_yticklabels(list(rows))
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the step began")
+    if title:
+        ax.set_title(title)
+    return ax
