@@ -184,43 +184,45 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
     model.train()
     t0 = time.perf_counter() - history.seconds
     bar = _progress(tcfg.steps, start, progress)
-    for step in range(start, tcfg.steps):
-        x, y = (t.to(device) for t in next(data))
-        lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, main, depth = mtp_loss(model(x), y, tcfg.mtp_lambda)
-        if tcfg.aux_loss_alpha > 0:
-            loss = loss + balance_loss(model, tcfg.aux_loss, tcfg.aux_loss_alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for gate in aux_gates:  # a gate skipped in the next forward must not offer this step's freed graph
-            gate.last_scores = None
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
-        optimizer.step()
+    try:
+        for step in range(start, tcfg.steps):
+            x, y = (t.to(device) for t in next(data))
+            lr = lr_at(step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, main, depth = mtp_loss(model(x), y, tcfg.mtp_lambda)
+            if tcfg.aux_loss_alpha > 0:
+                loss = loss + balance_loss(model, tcfg.aux_loss, tcfg.aux_loss_alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for gate in aux_gates:  # a gate skipped in the next forward must not offer this step's freed graph
+                gate.last_scores = None
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            optimizer.step()
 
-        history.step.append(step + 1)
-        history.loss.append(loss.item())
-        history.main_loss.append(main.item())
-        history.mtp_loss.append([d.item() for d in depth])
-        history.lr.append(lr)
-        history.grad_norm.append(norm.item())
-        for callback in callbacks:
-            callback(StepInfo(step + 1, model, optimizer, history))
-        done = step + 1
-        if done % tcfg.eval_every == 0 or done == tcfg.steps:
-            history.val_step.append(done)
-            history.val_loss.append(evaluate(model, val_tokens, batch_size=tcfg.batch_size,
-                                             seq_len=tcfg.seq_len, max_batches=tcfg.eval_batches))
-            bar.set_postfix(loss=f"{history.main_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
-        history.seconds = time.perf_counter() - t0
-        if out is not None and (done == tcfg.steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
-            checkpoint.save_training_state(out, model, optimizer, step=done,
-                                           extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
-        bar.update(1)
-    bar.close()
-    if tcfg.aux_loss_alpha > 0:
-        record_routing(model, False)
+            history.step.append(step + 1)
+            history.loss.append(loss.item())
+            history.main_loss.append(main.item())
+            history.mtp_loss.append([d.item() for d in depth])
+            history.lr.append(lr)
+            history.grad_norm.append(norm.item())
+            for callback in callbacks:
+                callback(StepInfo(step + 1, model, optimizer, history))
+            done = step + 1
+            if done % tcfg.eval_every == 0 or done == tcfg.steps:
+                history.val_step.append(done)
+                history.val_loss.append(evaluate(model, val_tokens, batch_size=tcfg.batch_size,
+                                                 seq_len=tcfg.seq_len, max_batches=tcfg.eval_batches))
+                bar.set_postfix(loss=f"{history.main_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+            history.seconds = time.perf_counter() - t0
+            if out is not None and (done == tcfg.steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
+                checkpoint.save_training_state(out, model, optimizer, step=done,
+                                               extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
+            bar.update(1)
+    finally:  # also when a step raises: the gates stop keeping their scores
+        bar.close()
+        if tcfg.aux_loss_alpha > 0:
+            record_routing(model, False)
     return history
 
 

@@ -81,6 +81,18 @@ def test_callbacks_see_every_step():
     assert seen == [1, 2, 3]
 
 
+def test_a_failing_step_still_switches_routing_recording_off():
+    model = small_model()
+
+    def fail(info):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(model, TrainConfig(steps=3, aux_loss_alpha=1e-3, **FAST), callbacks=[fail], progress=False)
+    gates = [m for m in model.modules() if type(m).__name__ == "Gate"]
+    assert gates and not any(g.record or g.last_scores is not None for g in gates)
+
+
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("batch_size", 0), ("min_lr_ratio", 2.0)])
 def test_bad_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}"):
