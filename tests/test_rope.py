@@ -146,3 +146,13 @@ def test_yarn_inactive_within_original_context(max_seq_len):
     assert not cfg.yarn_active
     torch.testing.assert_close(rope_frequencies(cfg).double(), plain_freqs(cfg), atol=0, rtol=1e-6)
     assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5)
+
+
+def test_rotary_accepts_non_contiguous_views():
+    from dsv3lib.model.rope import apply_rotary_emb
+
+    x = torch.randn(2, 4, 5, 8)  # (B, H, T, rope_dim), then viewed as (B, T, H, rope_dim)
+    freqs = torch.polar(torch.ones(5, 4), torch.randn(5, 4))
+    view = x.transpose(1, 2)
+    assert not view.is_contiguous()
+    assert torch.equal(apply_rotary_emb(view, freqs), apply_rotary_emb(view.contiguous(), freqs))

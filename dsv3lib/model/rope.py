@@ -56,6 +56,6 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of x's shape and dtype.
     """
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, rope_dim/2)
+    xc = torch.view_as_complex(x.float().contiguous().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, rope_dim/2)
     rotated = xc * freqs_cis.view(1, xc.size(1), 1, xc.size(-1))
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
