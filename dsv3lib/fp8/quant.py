@@ -84,10 +84,11 @@ def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, nam
     Returns:
         x_fp8: (..., K) float8_e4m3fn;  scales: (..., ceil(K/block_size)) float32 (amax/448 per tile).
     """
-    check_finite(x, name)
     K = x.shape[-1]
     xt = _pad_to(x.float(), -1, block_size).unflatten(-1, (-1, block_size))  # (..., nk, bs)
-    s = compute_scale(xt.abs().amax(dim=-1), pow2)  # (..., nk)
+    amax = xt.abs().amax(dim=-1)  # (..., nk)
+    check_finite(amax, name)  # amax is NaN/inf iff its tile has one: a cheap check of all of x
+    s = compute_scale(amax, pow2)
     q = _cast(xt / s.unsqueeze(-1)).flatten(-2)[..., :K]
     return q, s
 
@@ -106,11 +107,12 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, 
     """
     if w.dim() != 2:
         raise ValueError(f"weight_quant: {name} must be 2-D (N, K), got shape {tuple(w.shape)}")
-    check_finite(w, name)
     N, K = w.shape
     wb = _pad_to(_pad_to(w.float(), 0, block_size), 1, block_size)
     wb = wb.unflatten(0, (-1, block_size)).unflatten(2, (-1, block_size))  # (nn, bs, nk, bs)
-    s = compute_scale(wb.abs().amax(dim=(1, 3)), pow2)  # (nn, nk)
+    amax = wb.abs().amax(dim=(1, 3))  # (nn, nk)
+    check_finite(amax, name)  # NaN/inf in a block make its amax NaN/inf
+    s = compute_scale(amax, pow2)
     q = _cast(wb / s[:, None, :, None]).flatten(2).flatten(0, 1)[:N, :K]
     return q, s
 
