@@ -215,7 +215,8 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
                                                  seq_len=tcfg.seq_len, max_batches=tcfg.eval_batches))
                 bar.set_postfix(loss=f"{history.main_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
             history.seconds = time.perf_counter() - t0
-            if out is not None and (done == tcfg.steps or (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
+            periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
+            if out is not None and (done == tcfg.steps or periodic):
                 checkpoint.save_training_state(out, model, optimizer, step=done,
                                                extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
             bar.update(1)

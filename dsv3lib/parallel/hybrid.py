@@ -34,7 +34,8 @@ from .pipeline import PipelineRunner
 from .stages import mean_loss, micro_batches, micro_loss, stages_for_rank
 
 __all__ = [
-    "HybridGroups", "comm_overlap", "draw_overlap", "hybrid_check", "make_groups", "replicated_params", "run_hybrid_check",
+    "HybridGroups", "comm_overlap", "draw_overlap", "global_names", "hybrid_check", "make_groups",
+    "replicated_params", "run_hybrid_check",
 ]
 
 
