@@ -15,8 +15,9 @@ from dsv3lib.parallel.expert import (
     expected_groups_reached,
     groups_reached,
     node_limited_traffic,
-    run_ep_check,
 )
+from dsv3lib.parallel.checks import moe_vs_one_process
+from dsv3lib.parallel.launch import launch
 
 ATOL = 1e-5  # fp32; measured ≤ 1e-7 for outputs, ≤ 2e-6 for gradients (summation order differs)
 
@@ -31,7 +32,7 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_equals_single_process(world_size):
-    *results, model = run_ep_check(world_size, CASES, model_check=True)  # one spawn (≈ 4 s start-up)
+    *results, model = launch(moe_vs_one_process, world_size, (CASES, 0, True))  # one spawn (≈ 4 s start-up)
     assert len(results) == len(CASES)
     # the whole model, its MoE layers (main and MTP) sharded by shard_experts
     assert model["model_logits"] <= ATOL, model

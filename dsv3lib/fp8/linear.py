@@ -15,6 +15,10 @@ The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled a
 (dequantise, transpose, requantise: §3.5.2). The weight parameter stays the FP32 master copy that the
 optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
 the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
+
+Zero-bubble pipelines (chapter 5) run Wgrad later: if a forward runs while a weight-gradient sink is set
+(:mod:`dsv3lib.wgrad`; ``WeightGradStore.capture`` sets it), the backward returns dx and pushes the Wgrad
+(and bias-grad) computation to the sink, which adds the same dW into ``.grad`` when it runs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..wgrad import accumulate, current_sink
 from . import gemm, quant
 
 __all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear"]
@@ -50,6 +55,9 @@ class FP8LinearFunction(torch.autograd.Function):
             y = y + bias.float()
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.block_size, ctx.has_bias, ctx.x_shape, ctx.w_dtype = block_size, bias is not None, x.shape, weight.dtype
+        leaves = isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter))
+        ctx.sink = current_sink() if leaves else None  # a zero-bubble B: Wgrad may wait for W
+        ctx.params = (weight, bias) if ctx.sink is not None else None  # to add into their .grad then
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
     @staticmethod
@@ -58,25 +66,45 @@ class FP8LinearFunction(torch.autograd.Function):
         bs = ctx.block_size
         N, K = wq.shape
         dy2 = dy.reshape(-1, N).float()  # (M, N)
-        dx = dw = db = None
+        dx = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W; Wᵀ's blocks are W's blocks transposed
             dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
             wtq = wq.view(torch.uint8).t().contiguous().view(wq.dtype)  # (K, N)
             dx = gemm.fp8_gemm(dyq, dys, wtq, ws.t().contiguous(), block_size=bs)  # (M, K)
             dx = dx.to(dy.dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1] and dy2.shape[0] == 0:  # no tokens (an idle expert)
-            dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
-        elif ctx.needs_input_grad[1]:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
-            x_hp = quant.act_dequant(xq, xs, bs)  # (M, K): re-tile the cached FP8 input
-            dyt = _pad_rows(dy2, bs).t().contiguous()  # (N, Mp)
-            xt = _pad_rows(x_hp, bs).t().contiguous()  # (K, Mp)
-            dytq, dyts = gemm.act_quant(dyt, bs, name="FP8Linear grad_output")
-            xtq, xts = gemm.act_quant(xt, bs, name="FP8Linear input")
-            dw = gemm.fp8_gemm(dytq, dyts, xtq, xts, block_size=bs)  # (N, K) fp32 for the FP32 master weight
-        if dw is not None:
-            dw = dw.to(ctx.w_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        w_dtype = ctx.w_dtype
+
+        def grads():
+            dw = db = None
+            if need_w and dy2.shape[0] == 0:  # no tokens (an idle expert)
+                dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
+            elif need_w:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
+                x_hp = quant.act_dequant(xq, xs, bs)  # (M, K): re-tile the cached FP8 input
+                dyt = _pad_rows(dy2, bs).t().contiguous()  # (N, Mp)
+                xt = _pad_rows(x_hp, bs).t().contiguous()  # (K, Mp)
+                dytq, dyts = gemm.act_quant(dyt, bs, name="FP8Linear grad_output")
+                xtq, xts = gemm.act_quant(xt, bs, name="FP8Linear input")
+                dw = gemm.fp8_gemm(dytq, dyts, xtq, xts, block_size=bs)  # (N, K) fp32 for the FP32 master weight
+            if dw is not None:
+                dw = dw.to(w_dtype)
+            if need_b:
+                db = dy2.sum(0)
+            return dw, db
+
+        if (need_w or need_b) and ctx.sink is not None:
+            (weight, bias), store = ctx.params, ctx.sink
+
+            def later():  # the W op: the same dW (and db), added into .grad as autograd would
+                dw, db = grads()
+                if dw is not None:
+                    accumulate(weight, dw)
+                if db is not None:
+                    accumulate(bias, db.to(bias.dtype))
+
+            if store.push(later):
+                return dx, None, None, None
+        dw, db = grads()
         return dx, dw, db, None
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..wgrad import accumulate, current_sink
 from .dtypes import keep_dtype
 
 __all__ = ["MLP", "Gate", "MoE"]
@@ -143,17 +144,57 @@ class MoE(nn.Module):
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`routed`, with every expert's w1, w3 and w2 applied as three grouped GEMMs
         (``torch._grouped_mm`` over the expert-sorted rows, group boundaries ``offs``). The expert weights
-        are stacked on each call, so gradients still reach each expert's own Linear. CUDA needs bf16 and
-        sm90+; the CPU kernel takes float32 too."""
+        are stacked on each call, so gradients still reach each expert's own Linear (under a zero-bubble
+        capture they wait for ``W``, as linear layers' do). CUDA needs bf16 and sm90+; the CPU kernel takes
+        float32 too."""
         flat = indices.flatten()  # (N·topk,)
         order = flat.argsort(stable=True)
         token_of = order // indices.size(1)
         offs = torch.bincount(flat, minlength=len(self.experts)).cumsum(0).to(torch.int32)  # group ends
         xs = x[token_of]  # (N·topk, dim), grouped by expert
-        w1 = torch.stack([e.w1.weight for e in self.experts]).transpose(-2, -1)  # (E, dim, inter)
-        w3 = torch.stack([e.w3.weight for e in self.experts]).transpose(-2, -1)
-        w2 = torch.stack([e.w2.weight for e in self.experts]).transpose(-2, -1)  # (E, inter, dim)
-        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-        out = torch._grouped_mm(h, w2, offs=offs)  # (N·topk, dim)
+        w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
+        h = F.silu(_grouped_linear(xs, w1, offs)) * _grouped_linear(xs, w3, offs)  # (N·topk, inter)
+        out = _grouped_linear(h, w2, offs)  # (N·topk, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def _grouped_linear(x: torch.Tensor, weights: list, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of group e (ending at ``offs[e]``) times expert e's ``weights[e]``ᵀ (out, in): one grouped GEMM.
+    While a weight-gradient sink is set (a zero-bubble pipeline's forward, :mod:`dsv3lib.wgrad`), the
+    experts' dW may wait for the ``W`` op."""
+    sink = current_sink()
+    if sink is None:
+        return torch._grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)
+    return _DeferredGroupedLinear.apply(x, offs, sink, *weights)
+
+
+class _DeferredGroupedLinear(torch.autograd.Function):
+    """:func:`_grouped_linear` whose backward computes dX now and can push the per-expert dW to a sink;
+    the same GEMMs autograd runs for ``torch._grouped_mm`` (so the same bits, deferred or not)."""
+
+    @staticmethod
+    def forward(ctx, x, offs, sink, *weights):
+        w = torch.stack(weights)  # (E, out, in)
+        ctx.save_for_backward(x, offs, w)
+        ctx.sink, ctx.weights = sink, weights
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # (rows, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offs, w = ctx.saved_tensors
+        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None  # (rows, in)
+        need = ctx.needs_input_grad[3:]
+        weights = ctx.weights
+
+        def grads():  # dW_e = dy_eᵀ x_e for every expert (zeros for an idle one), (E, out, in)
+            return torch._grouped_mm(dy.t(), x, offs=offs).unbind(0)
+
+        def later():
+            for p, g, n in zip(weights, grads(), need):
+                if n:
+                    accumulate(p, g)
+
+        if not any(need) or ctx.sink.push(later):
+            return (dx, None, None) + (None,) * len(weights)
+        return (dx, None, None) + tuple(g if n else None for g, n in zip(grads(), need))

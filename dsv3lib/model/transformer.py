@@ -21,7 +21,7 @@ from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
-__all__ = ["Block", "Transformer", "ModelOutput", "mtp_loss"]
+__all__ = ["Block", "Transformer", "ModelOutput", "mtp_forward", "mtp_loss"]
 
 
 class Block(nn.Module):
@@ -131,14 +131,23 @@ class Transformer(nn.Module):
         if mtp if mtp is not None else cache is None:
             if start_pos != 0:
                 raise ValueError("mtp: MTP modules run on whole sequences (start_pos=0)")
-            freqs_cis = self.freqs_cis[: tokens.size(1)]
-            for k, module in enumerate(self.mtp, start=1):
-                if tokens.size(1) <= k:
-                    break
-                # depth k at position i combines h^{k-1}_i with the embedding of token i+k (eq. 21)
-                h = module(h[:, :-1], self.embed(tokens[:, k:]), freqs_cis[: tokens.size(1) - k])
-                mtp_logits.append(self.head(h))
+            mtp_logits = mtp_forward(self.mtp, self.embed, self.head, h, tokens, self.freqs_cis)
         return ModelOutput(logits, mtp_logits)
+
+
+def mtp_forward(modules: nn.ModuleList, embed: nn.Embedding, head: nn.Module, h: torch.Tensor,
+                tokens: torch.Tensor, freqs_cis: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of every MTP depth that fits, from the main model's final-normed hidden states h (B, T, dim)
+    of ``tokens`` (B, T) at positions from 0. Shared by :class:`Transformer` and the last pipeline stage
+    (chapter 5), which holds the same modules."""
+    out = []
+    for k, module in enumerate(modules, start=1):
+        if tokens.size(1) <= k:
+            break
+        # depth k at position i combines h^{k-1}_i with the embedding of token i+k (eq. 21)
+        h = module(h[:, :-1], embed(tokens[:, k:]), freqs_cis[: tokens.size(1) - k])
+        out.append(head(h))
+    return out
 
 
 def mtp_loss(out: ModelOutput, labels: torch.Tensor, mtp_lambda: float = 0.3,

@@ -22,8 +22,7 @@ Node-limited routing (V3 §2.1.2) and the IB bytes it saves: :func:`expected_gro
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import re
 import time
 
 import torch
@@ -31,10 +30,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import Gate, MoE
+from ..model import MoE
 
 __all__ = [
-    "all_to_all", "ExpertParallelMoE", "shard_experts", "ep_check", "run_ep_check",
+    "all_to_all", "ExpertParallelMoE", "shard_experts", "global_names",
     "expected_groups_reached", "groups_reached", "alltoall_bytes_per_token", "node_limited_traffic",
 ]
 
@@ -82,12 +81,17 @@ class ExpertParallelMoE(nn.Module):
     experts received from each source rank in the latest forward. ``backward_group``: the backward's
     all-to-alls go over this group (same ranks) instead. Set ``comm_log`` to a list to record every
     exchange as ``(start, end, name)`` (``time.perf_counter`` seconds).
+
+    ``batch_sources`` (default True): each local expert runs once on the rows from every source rank, the
+    fewest and biggest GEMMs (what production does). False: once per source rank, so every GEMM sees exactly
+    the rows a single process would feed it for that rank's tokens; a CPU GEMM's rounding depends on how many
+    rows it gets, so only this way is the output bit for bit the one-process model's (the tests, chapter 5).
     """
 
     def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None, *,
-                 backward_group: dist.ProcessGroup | None = None):
+                 backward_group: dist.ProcessGroup | None = None, batch_sources: bool = True):
         super().__init__()
-        self.group, self.backward_group = group, backward_group
+        self.group, self.backward_group, self.batch_sources = group, backward_group, batch_sources
         self.comm_log: list | None = None
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.n_experts = len(moe.experts)
@@ -126,15 +130,18 @@ class ExpertParallelMoE(nn.Module):
 
         kw = {"backward_group": self.backward_group, "log": self.comm_log}
         xr = all_to_all(x[token_of], recv_splits, send_splits, self.group, name="dispatch", **kw)  # (R, dim)
-        # 2. regroup by local expert: one contiguous slice each
-        local_id = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.flatten())
-        perm = local_id.argsort(stable=True)
-        chunks = xr[perm].split(recv.sum(0).tolist())
-        outs = [self.experts[e](c) for e, c in enumerate(chunks) if len(c)]
+        # 2. the local experts on what arrived, ordered (source rank, local expert)
+        if self.batch_sources:  # regroup by local expert: one contiguous slice each
+            local_id = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.flatten())
+            perm = local_id.argsort(stable=True)
+            outs = [self.experts[e](c) for e, c in enumerate(xr[perm].split(recv.sum(0).tolist())) if len(c)]
+        else:  # one slice per (source, expert), as the source's own process would run it
+            outs = [self.experts[j % n_local](c) for j, c in enumerate(xr.split(recv.flatten().tolist())) if len(c)]
         out = torch.cat(outs) if outs else xr[:0]
         if torch.is_grad_enabled() and not out.requires_grad and self.experts[0].w1.weight.requires_grad:
             out = out + 0 * self.experts[0].w1.weight.sum()  # no rows here: still join the backward collective
-        out = out[perm.argsort()]  # back to (source, expert) order
+        if self.batch_sources:
+            out = out[perm.argsort()]  # back to (source, expert) order
 
         out = all_to_all(out, send_splits, recv_splits, self.group, name="combine", **kw)  # 3. (N·topk, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
@@ -142,7 +149,7 @@ class ExpertParallelMoE(nn.Module):
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *,
-                  backward_group: dist.ProcessGroup | None = None) -> nn.Module:
+                  backward_group: dist.ProcessGroup | None = None, batch_sources: bool = True) -> nn.Module:
     """Replace every :class:`~dsv3lib.model.MoE` inside ``model`` (main layers and MTP blocks) by its
     :class:`ExpertParallelMoE` shard, in place; returns ``model``. Non-local experts are dropped."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -151,159 +158,22 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *,
     for name, moe in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, ExpertParallelMoE(moe, group, backward_group=backward_group))
+        setattr(parent, attr, ExpertParallelMoE(moe, group, backward_group=backward_group,
+                                                batch_sources=batch_sources))
     return model
 
 
-# --------------------------------------------------------------- equality check (a spawnable worker)
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() if a.numel() else 0.0
-
-
-def ep_check(rank: int, world_size: int, init_file: str, result_file: str, cases: list[tuple[dict, int]],
-             seed: int = 0, model_check: bool = False) -> None:
-    """Worker for ``torch.multiprocessing.spawn``: EP over ``world_size`` gloo ranks vs one process.
-
-    For each case ``(overrides, tokens[, to_rank0])``, every rank builds the same seeded MoE (tiny preset +
-    ``overrides``, fp32), computes the single-process reference on every rank's tokens, then the sharded
-    layer on its own (2, tokens + 3·rank) tokens (uneven per rank). Rank 0 saves, per case, the maximum
-    absolute differences (output, input grad, expert grads gathered from all ranks, gate and shared
-    grads summed over ranks) to ``result_file``. ``to_rank0``: bias the gate so that every token picks
-    rank 0's experts only (the others receive nothing but must still join the collectives).
-    ``model_check``: one more result, a 2-layer Transformer (MoE layer + MTP block) through
-    :func:`shard_experts` against the unsharded model: logits, input-embedding and all parameter grads.
-    """
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        results = [_ep_case(rank, world_size, *case, seed=seed) for case in cases]
-        if model_check:
-            results.append(_model_case(rank, world_size, seed))
-        if rank == 0:
-            torch.save(results, result_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-
-
-def _ep_case(rank: int, world_size: int, overrides: dict, tokens: int, to_rank0: bool = False, *,
-             seed: int) -> dict[str, float]:
-    cfg = ModelConfig.preset("tiny", **overrides)
-    torch.manual_seed(seed)
-    moe = MoE(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        moe.gate.weight.normal_(std=0.1, generator=g)
-        moe.gate.bias.copy_(torch.randn(cfg.n_routed_experts, generator=g) * 0.05)
-        if to_rank0:  # every token picks rank 0's experts: the other ranks' experts receive no rows
-            moe.gate.bias[:cfg.n_activated_experts] += 10.0
-    sizes = [tokens + 3 * r for r in range(world_size)]  # uneven token counts per rank
-    xs = [torch.randn(2, n, cfg.dim, generator=g) for n in sizes]
-    gs = [torch.randn(2, n, cfg.dim, generator=g) for n in sizes]
-
-    # the oracle: one process, every rank's tokens
-    x_ref = [x.clone().requires_grad_(True) for x in xs]
-    y_ref = [moe(x) for x in x_ref]
-    sum((y * gy).sum() for y, gy in zip(y_ref, gs)).backward()
-    ref_grads = {n: _grad(p) for n, p in moe.named_parameters()}
-    moe.zero_grad(set_to_none=True)
-
-    ep = ExpertParallelMoE(moe)
-    x = xs[rank].clone().requires_grad_(True)
-    y = ep(x)
-    (y * gs[rank]).sum().backward()
-
-    diffs = {"output": _max_diff(y, y_ref[rank]), "input_grad": _max_diff(x.grad, x_ref[rank].grad)}
-    local = torch.stack([torch.cat([_grad(p).flatten() for p in e.parameters()]) for e in ep.experts])
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(gathered, local)
-    names = [n for n, _ in ep.experts[0].named_parameters()]
-    ref = torch.stack([torch.cat([ref_grads[f"experts.{e}.{n}"].flatten() for n in names])
-                       for e in range(cfg.n_routed_experts)])
-    diffs["expert_grads"] = _max_diff(torch.cat(gathered), ref)  # (E, params per expert), global order
-    for n, p in moe.named_parameters():  # replicated parameters: their grads add up over the ranks
-        if not n.startswith("experts."):
-            grad = _grad(p)
-            dist.all_reduce(grad)
-            key = "gate_grad" if n.startswith("gate.") else "shared_grads"
-            diffs[key] = max(diffs.get(key, 0.0), _max_diff(grad, ref_grads[n]))
-    diffs["received"] = float(ep.last_recv_counts.sum())
-    all_diffs = [None] * world_size
-    dist.all_gather_object(all_diffs, diffs)
-    merged = {k: max(d[k] for d in all_diffs) for k in diffs if k != "received"}
-    merged["min_received"] = min(d["received"] for d in all_diffs)  # rows some rank's experts got
-    return merged
-
-
-def _model_case(rank: int, world_size: int, seed: int) -> dict[str, float]:
-    import copy
-
-    from ..balancing import BiasBalancer
-    from ..model import Transformer
-
-    cfg = ModelConfig.preset("tiny", n_layers=2, max_seq_len=64)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    g = torch.Generator().manual_seed(seed + 2)
-    batches = [torch.randint(0, cfg.vocab_size, (2, 8 + 2 * r), generator=g) for r in range(world_size)]
-
-    w = torch.linspace(-1, 1, cfg.vocab_size)  # a loss whose gradients are O(1) per token
-
-    def loss_of(m, tokens):
-        out = m(tokens)
-        return out.logits, (out.logits * w).sum() + sum((t * w).sum() for t in out.mtp_logits)
-
-    sharded = shard_experts(copy.deepcopy(model))
-    ref_gates = [m for m in model.modules() if isinstance(m, Gate)]
-    ref_logits, ref_loss, ref_counts = [], 0.0, [torch.zeros_like(g.last_counts) for g in ref_gates]
-    for b in batches:
-        logits, loss = loss_of(model, b)
-        ref_logits.append(logits)
-        ref_loss = ref_loss + loss
-        for c, g in zip(ref_counts, ref_gates):
-            c += g.last_counts
-    ref_loss.backward()
-    logits, loss = loss_of(sharded, batches[rank])
-    loss.backward()
-    # the loss-free bias update from the loads of all ranks: identical on every rank, as one process
-    BiasBalancer(sharded, 0.01, reduce_loads=True).update()
-    gates = [m for m in sharded.modules() if isinstance(m, Gate)]
-    bias_ok = all(torch.equal(g.bias, 0.01 * torch.sign(c.float().mean() - c.float()))
-                  for g, c in zip(gates, ref_counts))
-    diffs = {"model_logits": _max_diff(logits, ref_logits[rank].detach()), "model_grads": 0.0,
-             "model_grad_scale": max(_grad(p).abs().max().item() for p in model.parameters()),
-             "model_bias_mismatch": float(not bias_ok)}
-    ref_params = dict(model.named_parameters())
-    for name, mod in sharded.named_modules():
-        if isinstance(mod, ExpertParallelMoE):
-            for j, e in enumerate(mod.experts):  # local expert j is global expert mod.first + j
-                for n, p in e.named_parameters():
-                    ref = ref_params[f"{name}.experts.{mod.first + j}.{n}"]
-                    diffs["model_grads"] = max(diffs["model_grads"], _max_diff(_grad(p), _grad(ref)))
-    for n, p in sharded.named_parameters():
-        if ".experts." not in n:  # replicated: grads add up over the ranks
-            grad = _grad(p)
-            dist.all_reduce(grad)
-            diffs["model_grads"] = max(diffs["model_grads"], _max_diff(grad, _grad(ref_params[n])))
-    all_diffs = [None] * world_size
-    dist.all_gather_object(all_diffs, diffs)
-    return {k: max(d[k] for d in all_diffs) for k in diffs}
-
-
-def run_ep_check(world_size: int, cases: list[tuple[dict, int]] = (({}, 5),), seed: int = 0,
-                 model_check: bool = False) -> list[dict]:
-    """Spawn ``world_size`` CPU processes running :func:`ep_check`; returns each case's max differences
-    (plus the whole-model result last when ``model_check``)."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, result_file = os.path.join(tmp, "store"), os.path.join(tmp, "result.pt")
-        mp.spawn(ep_check, args=(world_size, init_file, result_file, list(cases), seed, model_check),
-                 nprocs=world_size, join=True)
-        return torch.load(result_file)
+def global_names(module: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``{name in the unsharded model: parameter}`` of a sharded model or stage: local expert j of a shard is
+    global expert ``first + j``."""
+    firsts = {name: m.first for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    out = {}
+    for name, q in module.named_parameters():
+        m = re.match(r"(.*)\.experts\.(\d+)\.(.*)", name)
+        if m and m.group(1) in firsts:
+            name = f"{m.group(1)}.experts.{firsts[m.group(1)] + int(m.group(2))}.{m.group(3)}"
+        out[name] = q
+    return out
 
 
 # ------------------------------------------------------------------ node-limited routing and bytes

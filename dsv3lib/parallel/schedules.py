@@ -28,7 +28,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["SCHEDULES", "Op", "Schedule", "dualpipe", "dualpipev", "one_f_one_b", "zb1p"]
+__all__ = [
+    "SCHEDULES", "Op", "Schedule", "dualpipe", "dualpipev", "make_schedule", "one_f_one_b", "placement",
+    "stages_held", "zb1p",
+]
 
 KINDS = ("F", "B", "W", "FB")
 
@@ -106,7 +109,7 @@ class Schedule:
 
     def stages_held(self, rank: int) -> list:
         """``(stage, direction)`` pairs whose parameters ``rank`` holds."""
-        return [(s, d) for d, row in enumerate(self.placement) for s, r in enumerate(row) if r == rank]
+        return stages_held(self.placement, rank)
 
     def param_copies(self, rank: int) -> float:
         """Parameters on ``rank`` in units of model/n_ranks (1F1B's share): 2.0 for DualPipe's two copies."""
@@ -192,7 +195,7 @@ def one_f_one_b(pp: int, n_micro: int) -> Schedule:
         for _ in range(warmup):
             k.B()
         ranks.append(tuple(k.ops))
-    return Schedule("1F1B", n_micro, pp, (tuple(range(pp)),), tuple(ranks))
+    return Schedule("1F1B", n_micro, pp, placement("1F1B", pp), tuple(ranks))
 
 
 def zb1p(pp: int, n_micro: int) -> Schedule:
@@ -226,7 +229,7 @@ def zb1p(pp: int, n_micro: int) -> Schedule:
         while k.w_store:
             k.W()
         ranks.append(tuple(k.ops))
-    return Schedule("ZB1P", n_micro, pp, (tuple(range(pp)),), tuple(ranks))
+    return Schedule("ZB1P", n_micro, pp, placement("ZB1P", pp), tuple(ranks))
 
 
 def _dual_steps(k: _Rank, n_half: int, hr: int, n_chunks_per_phase0: int, middle: bool) -> None:
@@ -301,8 +304,7 @@ def dualpipe(pp: int, n_micro: int) -> Schedule:
         hr = min(r, pp - 1 - r)
         _dual_steps(k, half, hr, n_micro // 2, middle=hr == half - 1)
         ranks.append(tuple(k.ops))
-    placement = (tuple(range(pp)), tuple(range(pp - 1, -1, -1)))
-    return Schedule("DualPipe", n_micro, pp, placement, tuple(ranks))
+    return Schedule("DualPipe", n_micro, pp, placement("DualPipe", pp), tuple(ranks))
 
 
 def dualpipev(pp_devices: int, n_micro: int) -> Schedule:
@@ -323,8 +325,35 @@ def dualpipev(pp_devices: int, n_micro: int) -> Schedule:
         k = _Rank([r, 2 * p - 1 - r], [0, 0])
         _dual_steps(k, p, r, n_micro, middle=r == p - 1)
         ranks.append(tuple(k.ops))
-    placement = (tuple(list(range(p)) + list(range(p - 1, -1, -1))),)
-    return Schedule("DualPipeV", n_micro, 2 * p, placement, tuple(ranks))
+    return Schedule("DualPipeV", n_micro, 2 * p, placement("DualPipeV", p), tuple(ranks))
 
 
 SCHEDULES = {"1F1B": one_f_one_b, "ZB1P": zb1p, "DualPipe": dualpipe, "DualPipeV": dualpipev}
+
+
+def make_schedule(name: str, pp: int, n_micro: int) -> Schedule:
+    """``SCHEDULES[name](pp, n_micro)``, with an error naming the choices for an unknown name."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule: unknown {name!r}; choose from {sorted(SCHEDULES)}")
+    return SCHEDULES[name](pp, n_micro)
+
+
+def placement(name: str, pp: int) -> tuple:
+    """Where schedule ``name`` puts each stage on ``pp`` pipeline ranks: ``placement[direction][stage]`` = rank.
+
+    1F1B and ZB1P: stage r on rank r. DualPipe: direction 0 runs 0 → PP−1, direction 1 the mirror, so rank r
+    holds stages r and PP−1−r (two copies of the model). DualPipeV: 2·PP stages in a V, device d holds d and
+    2·PP−1−d (one copy). Placement never depends on the micro-batch count."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule: unknown {name!r}; choose from {sorted(SCHEDULES)}")
+    down = tuple(range(pp))
+    if name == "DualPipe":
+        return down, down[::-1]
+    if name == "DualPipeV":
+        return (down + down[::-1],)
+    return (down,)
+
+
+def stages_held(place: tuple, rank: int) -> list:
+    """``(stage, direction)`` pairs that ``rank`` holds under placement ``place`` (:func:`placement`)."""
+    return [(s, d) for d, row in enumerate(place) for s, r in enumerate(row) if r == rank]

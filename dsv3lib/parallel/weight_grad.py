@@ -6,15 +6,25 @@ that can fill a bubble later. For a linear layer y = x·Wᵀ the split is clean:
 dX = dY·W, and ``W`` is the single GEMM dW = dYᵀ·X on tensors the backward already has.
 
 :class:`WeightGradStore` makes that split real: while it is *capturing* (:meth:`WeightGradStore.capture`),
-every ``F.linear`` with a parameter weight runs through :class:`DeferredLinear`, whose backward returns
-dX at once and, if the store is *deferring* (:meth:`WeightGradStore.defer`), pushes a closure for dW (and
-d bias) instead of computing it; :meth:`WeightGradStore.flush` later runs a chunk's closures, adding into
-``.grad``. Non-linear parameters (norm scales, the routers' biases are not trained) get their gradients
-during ``B`` as usual. A ``torch.overrides.TorchFunctionMode`` intercepts the calls, so the model's
-modules stay untouched (no Linear swapping) and direct ``F.linear(x, self.weight)`` calls are covered too.
+a linear layer's backward returns dX at once and, if the store is *deferring* (:meth:`WeightGradStore.defer`),
+pushes a closure for dW (and d bias) instead of computing it; :meth:`WeightGradStore.flush` later runs a
+chunk's closures, adding into ``.grad``. Three paths are covered:
+
+- every ``F.linear`` with a parameter weight (``nn.Linear``, the routers' ``F.linear(x, self.weight)``)
+  runs through :class:`DeferredLinear`; a ``torch.overrides.TorchFunctionMode`` intercepts the calls, so
+  the model's modules stay untouched (no Linear swapping);
+- ``FP8Linear`` (:mod:`dsv3lib.fp8.linear`) defers its FP8 Wgrad GEMM itself;
+- the MoE's grouped experts (``grouped_mm = True``, :meth:`~dsv3lib.model.MoE.routed_grouped`) defer
+  their three grouped weight GEMMs.
+
+The last two live below ``parallel`` and cannot import it: ``capture`` also installs the store as the
+thread's weight-gradient sink (:mod:`dsv3lib.wgrad`), which their forwards read. Their deferred dW are
+the very tensors an immediate backward would produce (tests: ``torch.equal``). Weights used any other
+way (MLA's absorbed path multiplies ``wkv_b.weight`` in an ``einsum``) and non-linear parameters (norm
+scales; the routers' biases are not trained) get their gradients during ``B`` as usual.
 
 The official DualPipe does the same with a ``WeightGradStore`` fed by its own Linear layers
-(deepseek-ai/DualPipe); the gradients are the same sums in a different order (tests: to 1e-6).
+(deepseek-ai/DualPipe); ``DeferredLinear``'s gradients are the same sums in a different order (tests: to 1e-6).
 """
 
 from __future__ import annotations
@@ -26,11 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..wgrad import accumulate as _accumulate
+from ..wgrad import weight_grad_sink
+
 __all__ = ["DeferredLinear", "WeightGradStore"]
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    p.grad = g if p.grad is None else p.grad + g
 
 
 class WeightGradStore:
@@ -42,8 +51,9 @@ class WeightGradStore:
 
     @contextmanager
     def capture(self):
-        """Within this block, ``F.linear`` with a parameter weight records a :class:`DeferredLinear` node."""
-        with _LinearMode(self):
+        """Within this block (in this thread), ``F.linear`` with a parameter weight records a
+        :class:`DeferredLinear` node, and FP8 linears and grouped experts keep this store as their sink."""
+        with _LinearMode(self), weight_grad_sink(self):
             yield
 
     @contextmanager
