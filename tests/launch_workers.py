@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from dsv3lib.parallel.launch import device, heartbeat, init_distributed
 
-__all__ = ["ranks_and_sum", "fail_at", "main"]
+__all__ = ["ranks_and_sum", "fail_at", "fail_in_parallel_step", "main"]
 
 
 def ranks_and_sum(rank: int, world: int, scale: float = 1.0) -> dict:
@@ -35,6 +35,38 @@ def fail_at(rank: int, world: int, fail_rank: int, fail_step: int, how: str = "r
         t = torch.ones(4, device=device())
         dist.all_reduce(t)
         assert t[0].item() == world
+
+
+def fail_in_parallel_step(rank: int, world: int, fail_rank: int, fail_step: int, how: str = "raise") -> None:
+    """A tiny model under ``parallelize`` (PP 2 × EP 2, DualPipe, overlapped pairs); at step ``fail_step`` rank
+    ``fail_rank`` raises (or SIGKILLs itself) inside a MoE layer's forward, in the middle of the pipelined step,
+    while its peers wait for its activations and all-to-alls."""
+    from dsv3lib.config import ModelConfig
+    from dsv3lib.model import Transformer
+    from dsv3lib.parallel.layout import ParallelLayout
+    from dsv3lib.parallel.parallelize import parallelize
+    from dsv3lib.parallel.schedules import make_schedule
+
+    layout = ParallelLayout(pp=2, ep=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", n_layers=4, max_seq_len=32))
+    runner = parallelize(model, layout, make_schedule("DualPipe", 2, 4), overlap=True)
+    tokens = torch.randint(0, model.cfg.vocab_size, (16, 17), generator=torch.Generator().manual_seed(1))
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if rank == fail_rank and runner.steps == fail_step and calls["n"] > 3:  # a few chunks into the step
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError("boom in a MoE forward")
+
+    for st in runner.stages.values():
+        for name, m in st.named_modules():
+            if name.endswith("ffn") and hasattr(m, "gate"):
+                m.register_forward_pre_hook(hook)
+    for _ in range(fail_step + 2):
+        runner.step(tokens[:, :-1], tokens[:, 1:])
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsv3lib.parallel.checks import step_vs_one_process
-from dsv3lib.parallel.launch import launch
+from dsv3lib.parallel.launch import JobFailed, launch
 from dsv3lib.parallel.overlap import comm_overlap
 from dsv3lib.parallel.pipeline import bubble_fractions, op_durations
 from dsv3lib.parallel.schedules import SCHEDULES, Op
@@ -91,3 +91,19 @@ def test_comm_overlap_arithmetic():
     parts = [(0.0, 4.0, f), (1.0, 3.0, b)]
     comm = [(0.5, 1.5, "dispatch"), (2.5, 3.5, "combine grad"), (5.0, 6.0, "dispatch")]
     assert comm_overlap(parts, comm) == {"comm": 3.0, "under_other_half": 0.5 + 1.0}
+
+
+@pytest.mark.parametrize("how, message", [("raise", r"^rank 3 failed during step 2: ValueError: boom in a MoE forward$"),
+                                          ("kill", r"^rank 3 was killed by SIGKILL during step 2$")])
+def test_a_failing_rank_ends_the_parallel_job(how, message):
+    """Mid-step, inside a MoE layer of the pipelined, expert-parallel model: every rank ends, fast, and the
+    message names the failed rank and its step."""
+    import time
+
+    import launch_workers
+
+    t0 = time.monotonic()
+    with pytest.raises(JobFailed, match=message) as info:
+        launch(launch_workers.fail_in_parallel_step, 4, (3, 2, how))
+    assert time.monotonic() - t0 < 60
+    assert all(code != 0 for code in info.value.exitcodes)

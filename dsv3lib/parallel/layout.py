@@ -24,6 +24,8 @@ Rank order puts ``ep`` innermost (consecutive ranks: the fastest links, as V3's 
 
 from __future__ import annotations
 
+import datetime
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -67,24 +69,29 @@ def check_layout(world: int, pp: int = 1, ep: int = 1, dp: int = 1, *, schedule:
 class ParallelLayout:
     """This rank's coordinates and process groups in a ``pp × dp × ep`` layout (chapters 5 and 6).
 
-    Call on every rank, after ``init_process_group``, with the same degrees. Attributes: ``pp``, ``dp``,
+    Call on every rank, after ``init_process_group``, with the same degrees; every group's collectives
+    fail after ``timeout`` seconds (:mod:`~dsv3lib.parallel.launch` then ends the job). Attributes: ``pp``, ``dp``,
     ``ep``; ``pp_rank``, ``dp_rank``, ``ep_rank`` (this rank's coordinates); ``replica`` (its part of the
     batch) of ``n_replicas``; ``mesh`` (dims ``pp``, ``dp``, ``ep``) and the groups ``pp_group``,
     ``dp_group``, ``ep_group``, ``ep_backward_group``, ``replica_group``.
     """
 
-    def __init__(self, pp: int = 1, ep: int = 1, dp: int = 1):
+    def __init__(self, pp: int = 1, ep: int = 1, dp: int = 1, *, timeout: float = 120.0):
         if not dist.is_initialized():
             raise RuntimeError("ParallelLayout: no process group; start with parallel.launch or torchrun first")
         check_layout(dist.get_world_size(), pp, ep, dp)
         self.pp, self.ep, self.dp = pp, ep, dp
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        names = ("pp", "dp", "ep")
-        self.mesh = init_device_mesh(device_type, (pp, dp, ep), mesh_dim_names=names)
-        # the same ranks again: groups of their own for the backward thread's all-to-alls ...
-        second = init_device_mesh(device_type, (pp, dp, ep), mesh_dim_names=names)
-        # ... and for the gradient sum over all replicas of a pipeline position (dp × ep flattened)
-        flat = init_device_mesh(device_type, (pp, dp * ep), mesh_dim_names=("pp", "replica"))
+        backend = dist.get_backend()
+        options = (dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options())
+        options._timeout = datetime.timedelta(seconds=timeout)  # a stalled peer fails a collective, not hangs it
+
+        def mesh(shape, names):
+            return init_device_mesh("cuda" if backend == "nccl" else "cpu", shape, mesh_dim_names=names,
+                                    backend_override={n: (backend, options) for n in names})
+
+        self.mesh = mesh((pp, dp, ep), ("pp", "dp", "ep"))
+        second = mesh((pp, dp, ep), ("pp", "dp", "ep"))  # the same ranks: groups for the backward thread's all-to-alls
+        flat = mesh((pp, dp * ep), ("pp", "replica"))  # the gradient sum over a position's replicas (dp × ep)
         self.pp_rank, self.dp_rank, self.ep_rank = self.mesh.get_coordinate()
         self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.ep_group, self.ep_backward_group = self.mesh.get_group("ep"), second.get_group("ep")
