@@ -1,7 +1,7 @@
 """Pipeline schedules as per-rank op lists: 1F1B, ZB1P, DualPipe and DualPipeV (chapter 5, V3 §3.2.1, Table 2).
 
 A schedule says, for every pipeline rank, which compute op it runs next, in order. Nothing here runs a
-model: :mod:`dsv3lib.parallel.simulate` times these lists, and the chapter-5 runtime executes them.
+model: :mod:`dsv3lib.parallel.simulate` times these lists, :mod:`dsv3lib.parallel.pipeline` executes them.
 
 Ops use the paper's names (Table 2):
 
@@ -131,17 +131,12 @@ def _check_counts(pp: int, n_micro: int, pp_name: str = "pp") -> None:
 
 
 class _Rank:
-    """The small verbs one rank's schedule is written in; appends ops and keeps the counters.
-
-    ``stage_of[phase]`` and ``dir_of[phase]`` say which stage/direction a phase (the reference's
-    local model index 0/1) refers to on this rank.
-    """
+    """The small verbs one rank's schedule is written in; appends ops and keeps the counters. ``stage_of[phase]``
+    and ``dir_of[phase]``: the stage/direction a phase (the reference's local model index 0/1) is on this rank."""
 
     def __init__(self, stage_of, dir_of):
         self.stage_of, self.dir_of = stage_of, dir_of
-        self.ops: list = []
-        self.n_f: dict = {}
-        self.n_b: dict = {}
+        self.ops, self.n_f, self.n_b = [], {}, {}  # ops so far; forwards and backwards per (stage, direction)
         self.w_store: deque = deque()  # deferred weight-grads, FIFO
 
     def _next(self, counter, phase):
@@ -331,27 +326,23 @@ def dualpipev(pp_devices: int, n_micro: int) -> Schedule:
 SCHEDULES = {"1F1B": one_f_one_b, "ZB1P": zb1p, "DualPipe": dualpipe, "DualPipeV": dualpipev}
 
 
+def _known(name: str) -> None:
+    _check(name in SCHEDULES, f"schedule: unknown {name!r}; choose from {sorted(SCHEDULES)}")
+
+
 def make_schedule(name: str, pp: int, n_micro: int) -> Schedule:
     """``SCHEDULES[name](pp, n_micro)``, with an error naming the choices for an unknown name."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule: unknown {name!r}; choose from {sorted(SCHEDULES)}")
+    _known(name)
     return SCHEDULES[name](pp, n_micro)
 
 
 def placement(name: str, pp: int) -> tuple:
-    """Where schedule ``name`` puts each stage on ``pp`` pipeline ranks: ``placement[direction][stage]`` = rank.
-
-    1F1B and ZB1P: stage r on rank r. DualPipe: direction 0 runs 0 → PP−1, direction 1 the mirror, so rank r
-    holds stages r and PP−1−r (two copies of the model). DualPipeV: 2·PP stages in a V, device d holds d and
-    2·PP−1−d (one copy). Placement never depends on the micro-batch count."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule: unknown {name!r}; choose from {sorted(SCHEDULES)}")
+    """Where schedule ``name`` puts each stage on ``pp`` ranks, ``placement[direction][stage]`` = rank, whatever
+    the micro-batch count. 1F1B, ZB1P: stage r on rank r. DualPipe: direction 1 mirrors direction 0, so rank r
+    holds stages r and PP−1−r (two copies). DualPipeV: 2·PP stages in a V, device d holds d and 2·PP−1−d."""
+    _known(name)
     down = tuple(range(pp))
-    if name == "DualPipe":
-        return down, down[::-1]
-    if name == "DualPipeV":
-        return (down + down[::-1],)
-    return (down,)
+    return {"DualPipe": (down, down[::-1]), "DualPipeV": (down + down[::-1],)}.get(name, (down,))
 
 
 def stages_held(place: tuple, rank: int) -> list:
