@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = GroupedPeer(moe).to(device)
     x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype)
     with torch.no_grad():
-        weights, indices = moe.gate(x)  # fixed routing for every path
+        routing = moe.gate(x)  # held fixed for every path
+    weights, indices = routing.weights, routing.indices
     grad_out = torch.randn_like(x)
     counts = torch.bincount(indices.flatten(), minlength=args.experts)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

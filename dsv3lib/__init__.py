@@ -4,8 +4,9 @@ The entry points most readers start from are re-exported here; each lives in its
 """
 
 from .accounting import kv_cache_bytes_per_token, param_counts
-from .checkpoint import load, load_hf, save
+from .checkpoint import load, save
 from .config import ModelConfig
+from .hf import load_hf
 from .model import Transformer
 
 __all__ = ["ModelConfig", "Transformer", "param_counts", "kv_cache_bytes_per_token", "load", "load_hf", "save"]

@@ -21,6 +21,7 @@ __all__ = [
     "H800_BF16_PEAK_FLOPS", "H800_FP8_PEAK_FLOPS", "RTX_4090_BYTES", "V3_GPU_HOURS",
     "param_counts", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_gqa", "weight_bytes",
     "memory_summary", "flops_per_token", "gpu_hours_per_trillion_tokens", "implied_mfu", "training_cost",
+    "training_memory_per_gpu",
 ]
 
 # Hardware specifications (vendor data sheets; dense, i.e. without 2:4 sparsity). The H800 SXM is an H100
@@ -199,6 +200,31 @@ def memory_summary(cfg: ModelConfig, *, include_mtp: bool = False) -> dict[str, 
     s["bf16_over_two_rtx4090"] = s["bf16_gb"] / two_4090
     s["fp8_over_two_rtx4090"] = s["fp8_gb"] / two_4090
     return s
+
+
+def training_memory_per_gpu(cfg: ModelConfig, *, gpus: int = 2048, pp: int = 16, ep: int = 64,
+                            dualpipe: bool = True) -> dict[str, float]:
+    """Bytes of training state per GPU (no activations) for V3's layout (§3.2): ``pp``-way pipeline, ``ep``-way
+    expert parallelism, ZeRO-1 data parallelism over the rest, no tensor parallelism (chapter 6).
+
+    A pipeline rank holds 1/pp of the non-expert parameters and 1/(pp·ep) of the routed experts, twice under
+    DualPipe (Table 2's 2× parameters). Per parameter it holds a BF16 working copy (2 B; the FP8 GEMMs quantise
+    from it) and an FP32 gradient (4 B); the FP32 master weight and the BF16 AdamW moments (4 + 2 + 2 B,
+    §3.3.3) are sharded over the data-parallel ranks holding the same parameter (ZeRO-1): gpus/pp of them for
+    non-expert parameters, gpus/(pp·ep) for experts. Layers are spread evenly (61 layers over 16 stages is an
+    average of 3.8). Returns GB (10⁹ B) per GPU: ``weights``, ``grads``, ``optimizer``, ``total``, and the
+    parameters held (``params``)."""
+    c = param_counts(cfg)
+    total = c["total"] + c["mtp_total"]
+    experts = cfg.n_routed_experts * _swiglu(cfg.dim, cfg.moe_inter_dim) * (cfg.n_layers - cfg.n_dense_layers
+                                                                          + cfg.n_mtp_modules)
+    copies = 2 if dualpipe else 1
+    dense_local, expert_local = (total - experts) / pp * copies, experts / (pp * ep) * copies
+    local = dense_local + expert_local
+    optimizer = 8 * (dense_local / (gpus // pp) + expert_local / max(1, gpus // (pp * ep)))
+    out = {"params": local, "weights": 2 * local / 1e9, "grads": 4 * local / 1e9, "optimizer": optimizer / 1e9}
+    out["total"] = out["weights"] + out["grads"] + out["optimizer"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["ModelConfig", "PRESETS"]
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
+_GROUP_SCORES = ("top2", "paper")
 _ATTN_IMPLS = ("absorb", "naive")
 
 
@@ -64,6 +65,11 @@ class ModelConfig:
     score_func: str = "sigmoid"  # V3: sigmoid; V2: softmax
     route_scale: float = 1.0  # multiplies the normalised routing weights (V3 code: 2.5)
     norm_topk_prob: bool = True  # normalise the selected weights to sum to 1 before route_scale
+    # how a group's rank is scored for node-limited routing (chapter 3): "top2" sums its two highest biased
+    # scores, as DeepSeek's released inference/model.py and Hugging Face's deepseek_v3 do (the default, and
+    # what every checkpoint assumes); "paper" sums its top n_activated_experts // n_limited_groups, the
+    # paper's K_r/M wording (V3 §2.1.2). They agree when that ratio is 2, as in V3 (8 // 4).
+    group_score: str = "top2"
 
     # rope / yarn (V3 §4.3; applied to the decoupled RoPE dims only)
     rope_theta: float = 10000.0
@@ -93,6 +99,13 @@ class ModelConfig:
     @property
     def experts_per_group(self) -> int:
         return self.n_routed_experts // self.n_expert_groups
+
+    @property
+    def group_score_k(self) -> int:
+        """How many of a group's highest biased scores are summed to rank it (``group_score``)."""
+        if self.group_score == "top2":
+            return 2
+        return max(1, self.n_activated_experts // self.n_limited_groups)
 
     @property
     def yarn_active(self) -> bool:
@@ -139,6 +152,8 @@ class ModelConfig:
             raise ValueError(f"attn_impl: must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.score_func not in _SCORE_FUNCS:
             raise ValueError(f"score_func: must be one of {_SCORE_FUNCS}, got {self.score_func!r}")
+        if self.group_score not in _GROUP_SCORES:
+            raise ValueError(f"group_score: must be one of {_GROUP_SCORES}, got {self.group_score!r}")
         if self.n_moe_layers > 0 or self.n_mtp_modules > 0:  # MTP blocks are MoE blocks too
             self._validate_moe()
 
@@ -186,41 +201,54 @@ class ModelConfig:
     # ------------------------------------------------------- Hugging Face config
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face DeepseekV3 ``config.json`` dict.
+        """Build from a Hugging Face DeepseekV3 ``config.json`` dict, read the way Hugging Face transformers'
+        ``deepseek_v3`` reads it (DeepSeek's own ``inference/model.py`` agrees wherever both apply).
 
-        Keys the dict lacks take DeepSeek-V3's values (as Hugging Face's ``DeepseekV3Config`` defaults
-        do); keys we do not model (``bos_token_id``, ``quantization_config``, ...) are ignored.
+        Keys the dict lacks take ``DeepseekV3Config``'s defaults (DeepSeek-V3's values, 4096 positions,
+        plain RoPE). Keys that describe the run or the files, not the function (``bos_token_id``,
+        ``quantization_config``, ``rope_interleave``, ...), are ignored here; :mod:`dsv3lib.hf` reads the
+        file-layout ones. A value whose logits the library cannot reproduce raises ``ValueError`` with one
+        line that starts with the Hugging Face key (and ours in brackets where they differ).
         """
-        kw: dict[str, Any] = dict(PRESETS["deepseek-v3"])
+        _check_hf_constants(hf)
+        kw: dict[str, Any] = dict(PRESETS["deepseek-v3"], max_seq_len=4096)
         for ours, theirs in _HF_FIELDS.items():
+            if theirs in hf and hf[theirs] is None and theirs not in _HF_NULLABLE:
+                raise ValueError(f"{theirs}: null is not supported")
             if theirs in hf and hf[theirs] is not None:
                 kw[ours] = hf[theirs]
-        if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
+        if "q_lora_rank" in hf and hf["q_lora_rank"] is None:  # no query compression: one wq
             kw["q_lora_rank"] = 0
+        if "n_shared_experts" in hf and hf["n_shared_experts"] is None:  # as DeepSeek's remote code reads it
+            kw["n_shared_experts"] = 0
         method = hf.get("topk_method", "noaux_tc")
-        if method not in _HF_TOPK_METHODS:
-            raise ValueError(f"topk_method: {method!r} is not supported; expected one of {_HF_TOPK_METHODS}")
-        scaling = hf.get("rope_scaling") or {}  # absent or null: plain RoPE (as Hugging Face reads it)
-        if scaling:
-            kind = scaling.get("type", scaling.get("rope_type"))
-            if kind != "yarn":
-                raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {kind!r}")
-            for ours, theirs in _HF_YARN_FIELDS.items():
-                if theirs in scaling:
-                    kw[ours] = scaling[theirs]
-            all_dim = scaling.get("mscale_all_dim", kw["mscale"])
-            if all_dim != kw["mscale"]:
-                raise ValueError(f"rope_scaling.mscale_all_dim: {all_dim} differs from mscale; not supported")
-        else:  # no rope scaling: plain RoPE over the whole context
-            kw["rope_factor"] = 1.0
-            kw["original_seq_len"] = kw["max_seq_len"]
+        if method == "greedy":  # plain top-k over all experts, no correction bias (DeepSeek-V2-Lite)
+            kw.update(n_expert_groups=1, n_limited_groups=1)
+        elif method != "noaux_tc":  # noaux_tc: bias for the choice, groups ranked by their top-2 (V3)
+            why = " (DeepSeek-V2: groups ranked by their best score, no bias)" * (method == "group_limited_greedy")
+            raise ValueError(f"topk_method: {method!r}{why} is not supported; expected 'noaux_tc' or 'greedy'")
+        kw.update(_hf_rope(hf, kw["max_seq_len"]))
         if "n_routed_experts" in hf and hf["n_routed_experts"] is None:  # a dense model
             kw.update(n_dense_layers=kw["n_layers"], n_mtp_modules=0, n_routed_experts=1,
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
-        return cls(**kw)
+        ints = {f.name for f in dataclasses.fields(cls) if f.type == "int"}
+        kw = {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in kw.items()}
+        try:
+            return cls(**kw, group_score="top2")
+        except ValueError as err:  # name the key the reader wrote, not only ours
+            field, _, rest = str(err).partition(":")
+            theirs = _HF_FIELDS.get(field) or _HF_YARN_FIELDS.get(field)
+            theirs = f"rope_scaling.{theirs}" if field in _HF_YARN_FIELDS else theirs
+            raise ValueError(f"{theirs} ({field}):{rest}" if theirs and theirs != field else str(err)) from None
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The Hugging Face DeepseekV3 ``config.json`` dict describing this model."""
+        """The Hugging Face DeepseekV3 ``config.json`` dict describing this model. ``group_score="paper"``
+        raises where it routes differently from the released top-2 rule (config.json cannot say it)."""
+        epg = self.experts_per_group
+        ranked = (self.n_moe_layers or self.n_mtp_modules) and self.n_limited_groups < self.n_expert_groups
+        if ranked and min(self.group_score_k, epg) != min(2, epg):
+            raise ValueError(f"group_score: {self.group_score!r} ranks groups by their top {self.group_score_k}; "
+                             f"a Hugging Face config.json can only mean the released top-2 rule")
         hf: dict[str, Any] = {
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
@@ -273,7 +301,13 @@ _HF_FIELDS = {  # ours -> Hugging Face DeepseekV3Config
     "init_std": "initializer_range",  # the released file says 0.02; V3 §4.2 trained with 0.006
 }
 
-_HF_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")  # V3, V2-Lite, V2
+_HF_NULLABLE = ("q_lora_rank", "n_shared_experts", "n_routed_experts")  # null has a meaning for these
+
+_HF_CONSTANTS = {  # keys the library implements one value of: {key: that value}
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "moe_layer_freq": 1,  # transformers ignores it, DeepSeek's remote code makes layers dense by it
+}
 
 _HF_YARN_FIELDS = {  # ours -> keys of config.json's rope_scaling
     "rope_factor": "factor",
@@ -282,6 +316,61 @@ _HF_YARN_FIELDS = {  # ours -> keys of config.json's rope_scaling
     "beta_slow": "beta_slow",
     "mscale": "mscale",
 }
+
+
+def _check_hf_constants(hf: dict[str, Any]) -> None:
+    for key, want in _HF_CONSTANTS.items():
+        if key in hf and hf[key] != want:
+            raise ValueError(f"{key}: only {want!r} is supported, got {hf[key]!r}")
+    heads = hf.get("num_attention_heads", PRESETS["deepseek-v3"]["n_heads"])
+    if hf.get("num_key_value_heads") not in (None, heads):  # MLA's keys are per head (kv_b_proj)
+        raise ValueError(f"num_key_value_heads: must equal num_attention_heads={heads}, "
+                         f"got {hf['num_key_value_heads']!r}")
+
+
+def _hf_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature m = 0.1·mscale·ln(s) + 1 (1 for s ≤ 1), as both releases compute it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _hf_rope(hf: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+    """Our RoPE fields from ``rope_scaling`` (``rope_parameters`` in transformers 5), as transformers reads it.
+
+    Transformers multiplies the whole logit by m(mscale_all_dim)² and, through cos/sin, the RoPE dims' part
+    once more by a² with a = m(mscale)/m(mscale_all_dim) (or ``attention_factor``). DeepSeek's code has one
+    ``mscale`` and a = 1, the only case we implement. It also applies YaRN only past the original context.
+    """
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get(key) or {}
+    theta = scaling.get("rope_theta", hf.get("rope_theta", PRESETS["deepseek-v3"]["rope_theta"]))
+    plain = dict(rope_theta=theta, rope_factor=1.0, original_seq_len=max_seq_len)  # RoPE over the whole context
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return plain
+    if kind != "yarn":
+        raise ValueError(f"{key}.type: only 'yarn' is supported, got {kind!r}")
+    if "factor" not in scaling:
+        raise ValueError(f"{key}.factor: missing (YaRN needs its scale)")
+    factor = scaling["factor"]
+    original = scaling.get("original_max_position_embeddings") or max_seq_len
+    mscale, all_dim, a = scaling.get("mscale"), scaling.get("mscale_all_dim"), scaling.get("attention_factor")
+    if a is None:
+        a = _hf_mscale(factor, mscale) / _hf_mscale(factor, all_dim) if mscale and all_dim else _hf_mscale(factor, 1)
+    if abs(a - 1) > 1e-12:
+        field = "attention_factor" if "attention_factor" in scaling else "mscale_all_dim"
+        raise ValueError(f"{key}.{field}: transformers would scale the RoPE dims' logits by {a * a:.6g} apart from "
+                         f"the rest; only mscale == mscale_all_dim is supported")
+    if factor == 1:  # YaRN with scale 1 leaves every frequency as it is
+        return plain
+    if scaling.get("truncate", True) is not True:
+        raise ValueError(f"{key}.truncate: only true (DeepSeek's rounding of the ramp ends) is supported")
+    if max_seq_len <= original:
+        raise ValueError(f"{key}.original_max_position_embeddings: {original} >= max_position_embeddings="
+                         f"{max_seq_len}; transformers would apply YaRN there, DeepSeek's code (and ours) not")
+    if factor > 1 and not all_dim:
+        raise ValueError(f"{key}.mscale_all_dim: {all_dim!r}; YaRN without attention temperature is not supported")
+    return dict(rope_theta=theta, rope_factor=factor, original_seq_len=original, mscale=all_dim if factor > 1 else 1.0,
+                beta_fast=scaling.get("beta_fast") or 32, beta_slow=scaling.get("beta_slow") or 1)
 
 
 def _check_int(cfg: ModelConfig, name: str, minimum: int) -> None:

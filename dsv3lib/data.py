@@ -1,42 +1,44 @@
 """Corpus, byte tokenizer and batches: the data every chapter trains on.
 
-Chapter 0 builds this: a real, human-written corpus that ships with Python (no download), a byte-level
-tokenizer, random training windows and deterministic validation windows. Chapter 3 uses the corpus's two
-domains, English prose and Python code, to ask whether MoE experts specialise by domain when routed.
+Chapter 0 builds this: a real, human-written corpus taken from Python's own documentation and standard
+library and shipped inside this package (no download), a byte-level tokenizer, random training windows and
+deterministic validation windows. Chapter 3 uses the corpus's two domains, English prose and Python code,
+to ask whether MoE experts specialise by domain when routed.
 
-Domains
+Domains (the text ships with the package in ``dsv3lib/corpus/``, built once from CPython 3.11.7 by
+``scripts/build_corpus.py``, so every Python version reads the same bytes; PSF licence, see ``corpus/NOTICE``)
     prose  Python's bundled documentation topics, ``pydoc_data.topics.topics`` (one document per topic).
-    code   the source of ``CODE_MODULES``, a fixed list of pure-Python stdlib files (one document each).
+    code   the source of a fixed list of 28 pure-Python stdlib modules (one document each).
 
 Split rule (per domain, deterministic): visit the documents in order of ``crc32(name)`` (a fixed shuffle)
 and put each one in ``val`` if it still fits within ``VAL_FRACTION`` of the domain's bytes; the rest are
 ``train``. So each domain has just under 10% of its bytes in val, is present there, and no document is
-in both splits.
-
-The text is read from the running interpreter, so its exact size depends on the Python version
-(the counts quoted in the book were measured on CPython 3.11); ``Corpus.describe()`` prints them.
+in both splits. ``Corpus.describe()`` prints the counts quoted in the book.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import hashlib
+import json
 import math
-import os
-import sysconfig
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 __all__ = [
-    "CODE_MODULES",
+    "CORPUS_DIR",
     "DOMAINS",
     "SPLITS",
     "VAL_FRACTION",
     "ByteTokenizer",
     "Corpus",
     "load_corpus",
+    "read_documents",
     "batches",
     "eval_batches",
     "unigram_entropy",
@@ -47,14 +49,7 @@ DOMAINS = ("prose", "code")
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.10
 
-# Paths relative to the stdlib folder; ~470 KB, about the size of the prose domain.
-CODE_MODULES = (
-    "abc.py", "base64.py", "bisect.py", "calendar.py", "colorsys.py", "contextlib.py", "copy.py",
-    "csv.py", "fnmatch.py", "fractions.py", "functools.py", "glob.py", "graphlib.py", "heapq.py",
-    "json/decoder.py", "json/encoder.py", "numbers.py", "operator.py", "pprint.py", "queue.py",
-    "random.py", "reprlib.py", "sched.py", "shlex.py", "statistics.py", "string.py", "textwrap.py",
-    "weakref.py",
-)
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"  # manifest.json + one <domain>.json.gz per domain
 
 
 class ByteTokenizer:
@@ -82,21 +77,28 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def _prose_documents() -> dict[str, str]:
-    from pydoc_data.topics import topics
+def _read_verified(path: Path, sha256: str | None = None) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} is missing: reinstall dsv3lib (it ships in the package)")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"corpus file {path} does not match its SHA-256 in manifest.json (corrupted or "
+                         f"modified; rebuild with scripts/build_corpus.py)")
+    return data
 
-    return {name: topics[name] for name in sorted(topics)}
 
-
-def _code_documents() -> dict[str, str]:
-    root = sysconfig.get_paths()["stdlib"]
+def read_documents(root: str | Path = CORPUS_DIR) -> dict[str, dict[str, str]]:
+    """domain -> {document name: text}, in corpus order, from the shipped files in ``root``; each file is
+    checked against the SHA-256 in ``root/manifest.json`` first."""
+    root = Path(root)
+    files = json.loads(_read_verified(root / "manifest.json"))["files"]
+    by_domain = {entry["domain"]: (name, entry["sha256"]) for name, entry in files.items()}
     docs = {}
-    for rel in CODE_MODULES:
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"code corpus file {rel!r} not found in the stdlib folder {root!r}")
-        with open(path, encoding="utf-8") as f:
-            docs[rel] = f.read()
+    for d in DOMAINS:
+        if d not in by_domain:
+            raise ValueError(f"corpus manifest {root / 'manifest.json'} lists no file for domain {d!r}")
+        name, sha = by_domain[d]
+        docs[d] = json.loads(gzip.decompress(_read_verified(root / name, sha)).decode("utf-8"))
     return docs
 
 
@@ -174,9 +176,9 @@ class Corpus:
 
 @functools.lru_cache(maxsize=1)
 def load_corpus() -> Corpus:
-    """Read, split and tokenise both domains (~0.1 s; cached, so call it freely)."""
+    """Read (verifying checksums), split and tokenise both domains (~0.1 s; cached, so call it freely)."""
     eot = bytes([ByteTokenizer.eot_id])
-    raw = {"prose": _prose_documents(), "code": _code_documents()}
+    raw = read_documents()
     tokens, domain_tokens, doc_names, n_bytes = {}, {}, {}, {}
     splits = {d: _split_names(raw[d]) for d in DOMAINS}
     for d in DOMAINS:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .model import Transformer
+from .model import Transformer, eval_mode
 
 __all__ = ["generate", "sample_next", "top_p_filter"]
 
@@ -79,9 +79,7 @@ def generate(model: Transformer, prompt: Sequence[int] | torch.Tensor, max_new_t
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache = model.new_cache(tokens.size(0), total) if use_cache else None
         done = torch.zeros(tokens.size(0), dtype=torch.bool, device=device)
         pos = 0  # first position not yet in the cache
@@ -98,6 +96,4 @@ def generate(model: Transformer, prompt: Sequence[int] | torch.Tensor, max_new_t
             tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
             if eos_id is not None and bool(done.all()):
                 break
-    finally:
-        model.train(was_training)
     return tokens

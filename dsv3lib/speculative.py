@@ -24,9 +24,12 @@ from typing import Sequence
 import torch
 
 from .generate import _as_batch, top_p_filter
-from .model import Transformer
+from .model import KVCache, LatentCache, Transformer, eval_mode
 
-__all__ = ["SpecStats", "speculative_generate", "accept_or_resample", "expected_tokens_per_forward"]
+__all__ = [
+    "SpecStats", "speculative_generate", "accept_or_resample", "expected_tokens_per_forward",
+    "teacher_forced_acceptance",
+]
 
 
 def expected_tokens_per_forward(acceptance: float | Sequence[float], depth: int | None = None) -> float:
@@ -94,6 +97,116 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
     return False, int(torch.multinomial(residual, 1, generator=generator))
 
 
+@dataclass
+class _Sampler:
+    """How every token is picked: drafts, the main model's checks of them and its own tokens."""
+
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """A token from logits (V,), and the probabilities it was drawn from (None when greedy)."""
+        if self.temperature == 0.0:
+            return int(logits.argmax()), None
+        probs = _probs(logits, self.temperature, self.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+
+    def check(self, logits: torch.Tensor, draft: int, draft_probs: torch.Tensor | None) -> tuple[bool, int]:
+        """(accepted?, the main model's token at this position): its argmax, or speculative sampling."""
+        if self.temperature == 0.0:
+            target = int(logits.argmax())
+            return target == draft, target
+        p = _probs(logits, self.temperature, self.top_p)
+        return accept_or_resample(p, draft_probs, draft, self.generator)
+
+
+def _draft(model: Transformer, sampler: _Sampler, seq: list[int], hidden: list[torch.Tensor], valid: list[int],
+           mtp_cache: list[KVCache | LatentCache], budget: int) -> tuple[list[int], list[torch.Tensor | None]]:
+    """Depths k = 1..budget each draft one token: depth k drafts token n-1+k (n = len(seq)) from position n-2.
+
+    Depth k runs its MTP module over the positions [valid[k], n-1) it has not yet computed from committed
+    tokens, reading depth k-1's outputs ``hidden[k-1]`` and the tokens k ahead; it writes ``hidden[k]``
+    and advances ``valid[k]``. Returns the drafts and the probabilities each was drawn from.
+    """
+    n = len(seq)
+    device = model.embed.weight.device
+    drafts: list[int] = []
+    draft_probs: list[torch.Tensor | None] = []
+    for k in range(1, budget + 1):
+        start, end = valid[k], n - 1
+        ids = torch.tensor([(seq + drafts)[start + k:end + k]], device=device)
+        h = model.mtp[k - 1](hidden[k - 1][:, start:end], model.embed(ids), model.freqs_cis[start:end],
+                             start, mtp_cache[k - 1])  # (1, end - start, dim)
+        hidden[k][:, start:end] = h
+        valid[k] = max(0, min(n - k, valid[k - 1]))
+        token, probs = sampler.choose(model.head(h[0, -1]))
+        drafts.append(token)
+        draft_probs.append(probs)
+    return drafts, draft_probs
+
+
+def _verify(model: Transformer, seq: list[int], drafts: list[int],
+            main_cache: list[KVCache | LatentCache]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One main forward over [seq[-1], drafts] at positions n-1 .. n-1+len(drafts) (n = len(seq)).
+
+    Returns its hidden states (1, 1 + len(drafts), dim) and logits (1 + len(drafts), vocab); row j checks
+    draft j, the last row gives the main model's own next token.
+    """
+    ids = torch.tensor([[seq[-1]] + drafts], device=model.embed.weight.device)
+    hv = model.hidden(ids, len(seq) - 1, main_cache)
+    return hv, model.head(hv[0])
+
+
+def _accept(sampler: _Sampler, drafts: list[int], draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
+            eos_id: int | None, stats: SpecStats) -> list[int]:
+    """The new tokens of a round: the longest accepted prefix of ``drafts``, then the main model's token
+    (its correction of the first rejected draft, or, if all were accepted, the one after them), cut after
+    ``eos_id``. Counts proposals, acceptances and each token's source in ``stats``."""
+    n_before = len(stats.sources)
+    new: list[int] = []
+    for j, d in enumerate(drafts):
+        stats.proposed[j] += 1
+        ok, target = sampler.check(logits[j], d, draft_probs[j])
+        if not ok:
+            new.append(target)
+            stats.sources.append("main")
+            break
+        stats.accepted[j] += 1
+        new.append(d)
+        stats.sources.append("draft")
+        if d == eos_id:
+            break
+    else:  # every draft accepted (none was eos): the main model's token after them comes free
+        new.append(sampler.choose(logits[len(drafts)])[0])
+        stats.sources.append("main")
+    if eos_id is not None and eos_id in new:
+        new = new[:new.index(eos_id) + 1]
+        del stats.sources[n_before + len(new):]
+    return new
+
+
+def _check_args(model: Transformer, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, depth: int,
+                temperature: float, top_p: float) -> tuple[torch.Tensor, int]:
+    """The prompt as (1, T) tokens and the cache length the run needs; errors name the argument."""
+    n_mtp = len(model.mtp)
+    if not 1 <= depth <= n_mtp:
+        raise ValueError(f"depth: must be in [1, n_mtp_modules={n_mtp}], got {depth}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature/top_p: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    tokens = _as_batch(prompt, model.embed.weight.device)
+    if tokens.size(0) != 1:
+        raise ValueError(f"prompt: speculative decoding takes one sequence, got a batch of {tokens.size(0)}")
+    # the last verify pass may look up to `depth` positions past the final token
+    max_len = tokens.size(1) + max_new_tokens + depth
+    if max_len > model.cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens: prompt {tokens.size(1)} + {max_new_tokens} new + {depth} draft "
+                         f"positions exceed max_seq_len={model.cfg.max_seq_len}")
+    return tokens, max_len
+
+
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
                          depth: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
@@ -106,37 +219,14 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
     Returns:
         (1, T + n) tokens and a :class:`SpecStats`.
     """
-    n_mtp = len(model.mtp)
-    depth = n_mtp if depth is None else depth
-    if not 1 <= depth <= n_mtp:
-        raise ValueError(f"depth: must be in [1, n_mtp_modules={n_mtp}], got {depth}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature/top_p: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    device = model.embed.weight.device
-    tokens = _as_batch(prompt, device)
-    if tokens.size(0) != 1:
-        raise ValueError(f"prompt: speculative decoding takes one sequence, got a batch of {tokens.size(0)}")
-    # the last verify pass may look up to `depth` positions past the final token
-    max_len = tokens.size(1) + max_new_tokens + depth
-    if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"max_new_tokens: prompt {tokens.size(1)} + {max_new_tokens} new + {depth} draft "
-                         f"positions exceed max_seq_len={model.cfg.max_seq_len}")
+    depth = len(model.mtp) if depth is None else depth
+    tokens, max_len = _check_args(model, prompt, max_new_tokens, depth, temperature, top_p)
+    device = tokens.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    greedy = temperature == 0.0
-
-    def choose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if greedy:
-            return int(logits.argmax()), None
-        probs = _probs(logits, temperature, top_p)
-        return int(torch.multinomial(probs, 1, generator=gen)), probs
-
-    was_training = model.training
-    model.eval()
+    sampler = _Sampler(temperature, top_p, gen)
     stats = SpecStats(depth=depth, proposed=[0] * depth, accepted=[0] * depth)
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         seq = tokens[0].tolist()
         prompt_len = len(seq)
         main_cache = model.new_cache(1, max_len)
@@ -145,8 +235,7 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
         # prefill: the main model reads the prompt and produces the first new token
         h0 = model.hidden(tokens, 0, main_cache)  # (1, T, dim)
         stats.main_forwards += 1
-        first, _ = choose(model.head(h0[0, -1]))
-        seq.append(first)
+        seq.append(sampler.choose(model.head(h0[0, -1]))[0])
         stats.sources.append("main")
         # hidden[k][:, i]: depth-k output at position i (k = 0: the main model's final hidden state)
         hidden = [h0.new_zeros(1, max_len, model.cfg.dim) for _ in range(depth + 1)]
@@ -156,52 +245,33 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
         while len(seq) - prompt_len < max_new_tokens and not (eos_id is not None and seq[-1] == eos_id):
             n = len(seq)  # committed tokens; the main model has not yet read seq[n-1]
             budget = min(depth, max_new_tokens - (n - prompt_len) - 1)
-            drafts: list[int] = []
-            draft_probs: list[torch.Tensor | None] = []
-            for k in range(1, budget + 1):  # depth k drafts token n-1+k from position n-2
-                start, end = valid[k], n - 1
-                ids = torch.tensor([(seq + drafts)[start + k:end + k]], device=device)
-                h = model.mtp[k - 1](hidden[k - 1][:, start:end], model.embed(ids), model.freqs_cis[start:end],
-                                     start, mtp_cache[k - 1])
-                hidden[k][:, start:end] = h
-                valid[k] = max(0, min(n - k, valid[k - 1]))
-                token, probs = choose(model.head(h[0, -1]))
-                drafts.append(token)
-                draft_probs.append(probs)
-
-            # verify: one main forward over [seq[n-1], drafts] at positions n-1 .. n-1+len(drafts)
-            ids = torch.tensor([[seq[-1]] + drafts], device=device)
-            hv = model.hidden(ids, n - 1, main_cache)
-            logits = model.head(hv[0])  # (len(drafts) + 1, vocab)
+            drafts, draft_probs = _draft(model, sampler, seq, hidden, valid, mtp_cache, budget)
+            hv, logits = _verify(model, seq, drafts, main_cache)
             stats.main_forwards += 1
-            new: list[int] = []
-            for j, d in enumerate(drafts):
-                stats.proposed[j] += 1
-                if greedy:
-                    target = int(logits[j].argmax())
-                    ok = target == d
-                else:
-                    ok, target = accept_or_resample(_probs(logits[j], temperature, top_p), draft_probs[j], d, gen)
-                if not ok:
-                    new.append(target)
-                    stats.sources.append("main")
-                    break
-                stats.accepted[j] += 1
-                new.append(d)
-                stats.sources.append("draft")
-                if d == eos_id:
-                    break
-            else:  # every draft accepted (none was eos): the main model's token after them comes free
-                new.append(choose(logits[len(drafts)])[0])
-                stats.sources.append("main")
-            if eos_id is not None and eos_id in new:
-                new = new[:new.index(eos_id) + 1]
-                stats.sources = stats.sources[:len(seq) - prompt_len + len(new)]
+            new = _accept(sampler, drafts, draft_probs, logits, eos_id, stats)
             hidden[0][:, n - 1:n - 1 + len(new)] = hv[:, :len(new)]
             seq.extend(new)
             valid[0] = len(seq) - 1
-    finally:
-        model.train(was_training)
     stats.new_tokens = len(seq) - prompt_len
     stats.seconds = time.perf_counter() - t0
     return torch.tensor([seq], device=device), stats
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(model: Transformer, tokens: torch.Tensor) -> float:
+    """Share of depth-1 MTP drafts that greedy verification would accept on a given text (chapter 6).
+
+    Teacher-forced: at position i the MTP module drafts token i+2 from the main model's h_i and the *true*
+    token i+1; the main model, having read the true prefix through token i+1, accepts iff its own argmax is
+    the same token. This measures acceptance on held-out text rather than on the model's own continuations
+    (where a model agrees with itself more easily). tokens: (B, T) with T >= 3.
+    """
+    if tokens.dim() != 2 or tokens.size(1) < 3:
+        raise ValueError(f"tokens: expected (batch, T >= 3), got {tuple(tokens.shape)}")
+    if not len(model.mtp):
+        raise ValueError("model: has no MTP module to draft with")
+    with eval_mode(model):
+        out = model(tokens, mtp=True)
+    draft = out.mtp_logits[0].argmax(-1)  # (B, T-1): position i drafts token i+2
+    verify = out.logits[:, 1:].argmax(-1)  # (B, T-1): position i+1 predicts token i+2
+    return (draft == verify).float().mean().item()

@@ -25,10 +25,10 @@ from typing import Callable, Iterable
 import torch
 
 from . import checkpoint
-from .balancing import BiasBalancer, balance_loss, record_routing
+from .balancing import BiasBalancer, LoadMeter, balance_loss, capture_routing
 from .config import ModelConfig
 from .data import batches, eval_batches, load_corpus, unigram_entropy
-from .model import Transformer, mtp_loss
+from .model import Transformer, eval_mode, mtp_loss
 
 __all__ = ["TrainConfig", "History", "StepInfo", "train", "evaluate", "lr_at", "make_optimizer", "main"]
 
@@ -100,6 +100,7 @@ class StepInfo:
     model: Transformer
     optimizer: torch.optim.Optimizer
     history: History
+    loads: torch.Tensor  # (n_gates, E) tokens per expert of each gate in this step (LoadMeter.counts)
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
@@ -124,19 +125,26 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Ada
 def evaluate(model: Transformer, tokens: torch.Tensor, *, batch_size: int = 16, seq_len: int = 128,
              max_batches: int | None = 8) -> float:
     """Mean next-token cross-entropy (nats) of the main model over deterministic windows of ``tokens``."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device = model.embed.weight.device
-    try:
+    with eval_mode(model):
         for x, y in eval_batches(tokens, batch_size, seq_len, max_batches=max_batches):
             logits = model(x.to(device), mtp=False).logits
             total += torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
             count += y.numel()
-    finally:
-        model.train(was_training)
     return total / count
+
+
+def _loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, tcfg: TrainConfig):
+    """One step's (loss, main, per-depth MTP losses); with ``aux_loss_alpha`` > 0 the loss includes the
+    auxiliary balance loss of the routings this forward captured (they go when this function returns)."""
+    if tcfg.aux_loss_alpha == 0:
+        return mtp_loss(model(x), y, tcfg.mtp_lambda)
+    with capture_routing(model) as routings:
+        out = model(x)
+    loss, main, depth = mtp_loss(out, y, tcfg.mtp_lambda)
+    return loss + balance_loss(routings, tcfg.aux_loss, tcfg.aux_loss_alpha), main, depth
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -157,8 +165,8 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
         train_tokens, val_tokens: 1-D token tensors (default: the book's corpus, :func:`load_corpus`).
         out: directory for checkpoints (model.safetensors + config.json + training state); with
             ``resume=True`` training continues from the checkpoint there, bit-for-bit as if uninterrupted.
-        callbacks: called after every optimizer step with a :class:`StepInfo`, after the loss-free
-            balancing update (``tcfg.bias_update_speed``) of the gate biases.
+        callbacks: called after every optimizer step with a :class:`StepInfo` (with the step's expert
+            loads), after the loss-free balancing update (``tcfg.bias_update_speed``) of the gate biases.
     """
     if train_tokens is None or val_tokens is None:
         corpus = load_corpus()
@@ -180,7 +188,7 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
 
     if tcfg.bias_update_speed > 0:
         callbacks = [BiasBalancer(model, tcfg.bias_update_speed), *callbacks]
-    aux_gates = record_routing(model) if tcfg.aux_loss_alpha > 0 else []  # gates keep scores for the aux loss
+    meter = LoadMeter(model)  # the expert loads of each step, for the balancer and other callbacks
     model.train()
     t0 = time.perf_counter() - history.seconds
     bar = _progress(tcfg.steps, start, progress)
@@ -190,13 +198,10 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, main, depth = mtp_loss(model(x), y, tcfg.mtp_lambda)
-            if tcfg.aux_loss_alpha > 0:
-                loss = loss + balance_loss(model, tcfg.aux_loss, tcfg.aux_loss_alpha)
+            meter.reset()  # this step's loads only (not the evaluation's)
+            loss, main, depth = _loss(model, x, y, tcfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for gate in aux_gates:  # a gate skipped in the next forward must not offer this step's freed graph
-                gate.last_scores = None
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
             optimizer.step()
 
@@ -206,8 +211,9 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
             history.mtp_loss.append([d.item() for d in depth])
             history.lr.append(lr)
             history.grad_norm.append(norm.item())
+            info = StepInfo(step + 1, model, optimizer, history, meter.counts())
             for callback in callbacks:
-                callback(StepInfo(step + 1, model, optimizer, history))
+                callback(info)
             done = step + 1
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
                 history.val_step.append(done)
@@ -220,10 +226,9 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
                 checkpoint.save_training_state(out, model, optimizer, step=done,
                                                extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
             bar.update(1)
-    finally:  # also when a step raises: the gates stop keeping their scores
+    finally:  # also when a step raises: no hook stays on the gates
         bar.close()
-        if tcfg.aux_loss_alpha > 0:
-            record_routing(model, False)
+        meter.close()
     return history
 
 

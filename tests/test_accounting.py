@@ -203,3 +203,21 @@ def test_training_cost():
     assert training_cost(V3_GPU_HOURS["total"]) == pytest.approx(5.576e6)  # V3 Table 1
     assert training_cost(2664e3) == pytest.approx(5.328e6)
     assert sum(v for k, v in V3_GPU_HOURS.items() if k != "total") == V3_GPU_HOURS["total"]
+
+
+def test_training_memory_per_gpu_counts_real_modules():
+    """One GPU holds everything; with ep = n_routed_experts each GPU holds 1/E of the experts (counted on a model)."""
+    from dsv3lib.model import MoE, Transformer
+
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    from dsv3lib import accounting
+
+    one = accounting.training_memory_per_gpu(cfg, gpus=1, pp=1, ep=1, dualpipe=False)
+    assert one["params"] == total and one["weights"] == 2 * total / 1e9
+    assert one["total"] == pytest.approx((2 + 4 + 8) * total / 1e9)
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+    E = cfg.n_routed_experts
+    sharded = accounting.training_memory_per_gpu(cfg, gpus=E, pp=1, ep=E, dualpipe=True)
+    assert sharded["params"] == pytest.approx(2 * (total - experts + experts / E))

@@ -1,5 +1,6 @@
-"""Balancing: the loss-free bias moves by ±γ toward the mean load and evens out the loads; the auxiliary
-losses follow their equations and balance a router on their own; MaxVio per batch and over a set."""
+"""Balancing: the load meter adds up the routings its hooks see; the loss-free bias moves by ±γ toward the
+mean load and evens out the loads; the auxiliary losses follow their equations and balance a router on their
+own; MaxVio per batch and over a set."""
 
 import math
 
@@ -8,16 +9,17 @@ import torch
 
 from dsv3lib.balancing import (
     BiasBalancer,
+    LoadMeter,
     LoadRecorder,
     balance_loss,
     batch_balance_loss,
+    capture_routing,
     global_max_violation,
     max_violation,
-    record_routing,
     sequence_balance_loss,
 )
 from dsv3lib.config import ModelConfig
-from dsv3lib.model import MoE, Transformer
+from dsv3lib.model import Gate, MoE, Transformer
 from dsv3lib.train import TrainConfig, train
 
 
@@ -28,12 +30,66 @@ def test_max_violation():
         max_violation(torch.zeros(4))
 
 
+def _bincount(indices, E=16):
+    return torch.bincount(indices.flatten(), minlength=E)
+
+
+def test_load_meter_adds_up_every_forward_until_reset():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", n_layers=2, max_seq_len=64)
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(0, cfg.vocab_size, (2, n), generator=g) for n in (16, 9))
+    with capture_routing(model) as routings, LoadMeter(model) as meter:
+        assert meter.names == ["layers.1.ffn", "mtp.0.block.ffn"]
+        assert torch.equal(meter.counts(), torch.zeros(2, 16, dtype=torch.long))  # nothing ran yet
+        with torch.no_grad():
+            model(a)  # main layer and MTP gate
+            model(b, mtp=False)  # main layer only
+        (ra1, rm1, ra2) = routings
+        counts = meter.counts()
+        assert counts.shape == (2, 16) and counts.dtype == torch.long
+        assert torch.equal(counts[0], _bincount(ra1.indices) + _bincount(ra2.indices))  # both batches
+        assert torch.equal(counts[1], _bincount(rm1.indices))
+        assert counts[0].sum() == (2 * 16 + 2 * 9) * cfg.n_activated_experts
+        counts.zero_()  # counts() is a copy
+        assert meter.counts()[0].sum() > 0
+        meter.reset()
+        with torch.no_grad():
+            model(b, mtp=False)
+        assert torch.equal(meter.counts()[0], _bincount(ra2.indices)) and meter.counts()[1].sum() == 0
+    # leaving the blocks removed every hook: further forwards are neither counted nor captured
+    assert all(len(gate._forward_hooks) == 0 for gate in meter.gates)
+    before = meter.counts()
+    with torch.no_grad():
+        model(a)
+    assert torch.equal(meter.counts(), before) and len(routings) == 4  # 3 forwards + 1 after the reset
+
+
+def test_load_meter_close_removes_its_hooks_only():
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig.preset("tiny"))
+    x = torch.randn(4, 8, moe.cfg.dim)
+    meter, other = LoadMeter(moe), LoadMeter(moe)
+    with torch.no_grad():
+        moe(x)
+    meter.close()
+    with torch.no_grad():
+        moe(x)
+    assert meter.counts().sum() == 32 * 4 and other.counts().sum() == 2 * 32 * 4
+    other.close()
+    assert len(moe.gate._forward_hooks) == 0
+
+
 def test_bias_update_is_sign_of_deficit():
     torch.manual_seed(0)
     moe = MoE(ModelConfig.preset("tiny"))
-    moe.gate.last_counts = torch.tensor([10, 0, 5, 5] * 4)  # mean 5
-    BiasBalancer(moe, gamma=0.1).update()
+    loads = torch.tensor([[10, 0, 5, 5] * 4])  # one gate; mean 5
+    BiasBalancer(moe, gamma=0.1).update(loads)
     assert torch.allclose(moe.gate.bias, torch.tensor([-0.1, 0.1, 0.0, 0.0] * 4))
+    assert loads.dtype == torch.long and loads[0, 0] == 10  # the caller's loads are left alone
+    with pytest.raises(ValueError, match="^loads"):
+        BiasBalancer(moe, gamma=0.1).update(loads[0])
 
 
 def test_balancer_evens_out_a_skewed_router():
@@ -44,13 +100,15 @@ def test_balancer_evens_out_a_skewed_router():
         moe.gate.weight[:4] += 1.0  # experts 0-3 attract about half of all tokens each
     x = torch.randn(1024, cfg.dim)
     balancer = BiasBalancer(moe, gamma=0.005)
+    meter = LoadMeter(moe)
     moe(x)
-    start = max_violation(moe.gate.last_counts)
+    start = max_violation(meter.counts()[0])
     late = []
     for _ in range(300):
+        meter.reset()
         moe(x)
-        balancer.update()
-        late.append(max_violation(moe.gate.last_counts))
+        balancer.update(meter.counts())
+        late.append(max_violation(meter.counts()[0]))
     assert start > 0.9 and sum(late[-20:]) / 20 < 0.35  # sign updates oscillate by ±γ around balance
     assert moe.gate.bias[:4].max() < 0 < moe.gate.bias[4:].max()
 
@@ -113,28 +171,29 @@ def test_batch_loss_matches_wang_eq2():
                                sequence_balance_loss(scores, indices, (N,), alpha=1e-3))
 
 
-def test_gate_records_scores_only_when_asked():
+def test_capture_routing_only_inside_its_block():
     cfg = ModelConfig.preset("tiny")
     torch.manual_seed(0)
     moe = MoE(cfg)
+    gate = moe.gate
     x = torch.randn(2, 5, cfg.dim)
-    moe(x)
-    assert moe.gate.last_scores is None and moe.gate.last_indices is None
-    (gate,) = record_routing(moe)
-    moe(x)
-    assert gate.last_scores.shape == (10, cfg.n_routed_experts) and gate.last_scores.requires_grad
-    assert gate.last_indices.shape == (10, cfg.n_activated_experts) and gate.last_shape == (2, 5)
-    assert torch.equal(torch.bincount(gate.last_indices.flatten(), minlength=16), gate.last_counts)
+    with capture_routing(moe) as routings:
+        moe(x)
+    moe(x)  # after the block: not captured
+    (r,) = routings
+    assert r.scores.shape == (10, cfg.n_routed_experts) and r.scores.requires_grad
+    assert r.indices.shape == (10, cfg.n_activated_experts) and r.token_shape == (2, 5)
+    assert len(gate._forward_hooks) == 0
     # only the gate weight gets a gradient from the aux loss; the bias never does
-    balance_loss(moe, "sequence", 1e-2).backward()
+    loss = balance_loss(routings, "sequence", 1e-2)
+    torch.testing.assert_close(loss, sequence_balance_loss(r.scores, r.indices, (2, 5), 1e-2))
+    loss.backward()
     assert gate.weight.grad.abs().sum() > 0 and gate.bias.grad is None
     assert all(p.grad is None for n, p in moe.named_parameters() if not n.startswith("gate."))
-    record_routing(moe, False)
-    assert gate.last_scores is None and not gate.record
-    with pytest.raises(ValueError, match="^model"):
-        balance_loss(moe)
+    with pytest.raises(ValueError, match="^routings"):
+        balance_loss([])
     with pytest.raises(ValueError, match="^kind"):
-        balance_loss(moe, "token")
+        balance_loss(routings, "token")
 
 
 @pytest.mark.parametrize("kind", ["sequence", "batch"])
@@ -146,16 +205,15 @@ def test_aux_loss_alone_balances_a_skewed_router(kind):
         moe.gate.weight.normal_(std=0.1)
         moe.gate.weight[:4] += 0.3  # experts 0-3 attract most tokens
     x = torch.randn(8, 32, cfg.dim)
-    record_routing(moe)
     opt = torch.optim.SGD([moe.gate.weight], lr=100.0)
-    moe(x)
-    start = max_violation(moe.gate.last_counts)
+    start = max_violation(_bincount(moe.gate(x).indices))
     late = []
     for _ in range(50):
-        moe(x)
-        late.append(max_violation(moe.gate.last_counts))
+        with capture_routing(moe) as routings:
+            moe(x)
+        late.append(max_violation(_bincount(routings[0].indices)))
         opt.zero_grad()
-        balance_loss(moe, kind, alpha=1.0).backward()  # only the balance loss is trained, with a big step
+        balance_loss(routings, kind, alpha=1.0).backward()  # only the balance loss is trained, with a big step
         opt.step()
     assert start > 0.6 and sum(late[-10:]) / 10 < 0.5 * start
 
@@ -181,7 +239,7 @@ def test_load_recorder_and_aux_loss_in_training():
     for loss, main, mtp in zip(h.loss, h.main_loss, h.mtp_loss):
         aux = loss - main - tcfg.mtp_lambda * mtp[0]
         assert 0 < aux < 3e-4  # two gates, ≈ α each
-    assert all(not g.record for g in rec.gates)  # recording switched off after training
+    assert all(len(g._forward_hooks) == 0 for g in model.modules() if isinstance(g, Gate))  # hooks gone
 
 
 def test_bad_aux_loss_kind():
@@ -203,7 +261,8 @@ def test_global_max_violation_adds_the_counts_of_all_windows():
     with torch.no_grad():
         for b in range(3):
             x = tokens[b * 32:(b + 1) * 32].view(2, 16)
-            model(x, mtp=False)
-            counts += model.layers[1].ffn.gate.last_counts
+            with capture_routing(model.layers[1].ffn) as routings:
+                model(x, mtp=False)
+            counts += _bincount(routings[0].indices)
     assert torch.equal(res.counts[0], counts)
     assert math.isclose(res.max_vio[0], max_violation(counts)) and res.mean_max_vio == res.max_vio[0]

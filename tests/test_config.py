@@ -117,6 +117,7 @@ def test_positive_numbers(field, bad):
     (dict(beta_fast=1, beta_slow=2), "beta_slow"),
     (dict(score_func="softplus"), "score_func"),
     (dict(score_func="Sigmoid"), "score_func"),
+    (dict(group_score="top3"), "group_score"),
 ])
 def test_consistency_rules(overrides, field):
     with raises_for(field):
@@ -229,3 +230,28 @@ def test_hf_config_other_rope_scaling_rejected():
     hf = {**HF_DEEPSEEK_V3, "rope_scaling": {"type": "linear", "factor": 4.0}}
     with raises_for("rope_scaling.type"):
         ModelConfig.from_hf_config(hf)
+
+
+def test_group_score_default_is_the_released_top2():
+    assert ModelConfig().group_score == "top2" and ModelConfig.preset("deepseek-v3").group_score_k == 2
+    cfg = ModelConfig(n_routed_experts=16, n_activated_experts=6, n_expert_groups=4, n_limited_groups=2)
+    assert cfg.group_score_k == 2 and cfg.replace(group_score="paper").group_score_k == 3  # K_r/M = 6 // 2
+
+
+def test_hf_config_as_transformers_5_writes_it():
+    """transformers 5 writes rope_parameters (rope_theta inside) and float betas/factor."""
+    scaling = dict(HF_DEEPSEEK_V3["rope_scaling"], beta_fast=32.0, beta_slow=1.0, factor=40.0)
+    hf = {k: v for k, v in HF_DEEPSEEK_V3.items() if k not in ("rope_scaling", "rope_theta")}
+    cfg = ModelConfig.from_hf_config({**hf, "rope_parameters": {**scaling, "rope_theta": 10000.0}})
+    assert cfg.replace(init_std=0.006) == ModelConfig.preset("deepseek-v3")
+    assert isinstance(cfg.beta_fast, int)
+    plain = ModelConfig.from_hf_config({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    assert plain.rope_theta == 5e5 and not plain.yarn_active
+
+
+def test_hf_config_defaults_and_nulls():
+    hf = {k: v for k, v in HF_DEEPSEEK_V3.items() if k not in ("max_position_embeddings", "rope_scaling")}
+    assert ModelConfig.from_hf_config(hf).max_seq_len == 4096  # DeepseekV3Config's default
+    assert ModelConfig.from_hf_config({**HF_DEEPSEEK_V3, "n_shared_experts": None}).n_shared_experts == 0
+    greedy = ModelConfig.from_hf_config({**HF_DEEPSEEK_V3, "topk_method": "greedy"})
+    assert greedy.n_expert_groups == greedy.n_limited_groups == 1  # greedy: top-k over all experts

@@ -1,10 +1,17 @@
+import gzip
+import hashlib
+import importlib.util
+import json
 import math
+import platform
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from dsv3lib import data as data_mod
 from dsv3lib.data import (
+    CORPUS_DIR,
     DOMAINS,
     SPLITS,
     ByteTokenizer,
@@ -12,6 +19,7 @@ from dsv3lib.data import (
     bits_per_byte,
     eval_batches,
     load_corpus,
+    read_documents,
     unigram_entropy,
 )
 
@@ -43,8 +51,8 @@ def test_split_is_disjoint_and_val_has_both_domains(corpus):
         assert train and val and not train & val
         share = corpus.n_bytes["val"][d] / (corpus.n_bytes["val"][d] + corpus.n_bytes["train"][d])
         assert 0.07 < share <= 0.10
-    assert set(corpus.doc_names["train"]["code"]) | set(corpus.doc_names["val"]["code"]) == set(
-        data_mod.CODE_MODULES)
+    for d, docs in read_documents().items():
+        assert set(corpus.doc_names["train"][d]) | set(corpus.doc_names["val"][d]) == set(docs)
 
 
 def test_tensors_are_long_and_consistent(corpus):
@@ -70,8 +78,7 @@ def test_combined_split_interleaves_domains(corpus):
 
 
 def test_eot_separates_documents_and_never_occurs_inside(corpus):
-    from pydoc_data.topics import topics
-
+    topics = read_documents()["prose"]
     tok = ByteTokenizer()
     t = corpus.domain_tokens["val"]["prose"]
     names = corpus.doc_names["val"]["prose"]
@@ -159,10 +166,60 @@ def test_eval_batches_bad_max_batches():
         eval_batches(torch.arange(50), 2, 4, max_batches=0)
 
 
-def test_missing_code_file_is_named(monkeypatch):
-    monkeypatch.setattr(data_mod, "CODE_MODULES", ("textwrap.py", "no_such_module.py"))
-    with pytest.raises(FileNotFoundError, match="no_such_module.py"):
-        data_mod._code_documents()
+def _manifest(root: Path = CORPUS_DIR) -> dict:
+    return json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+
+
+def test_shipped_files_match_their_manifest():
+    m = _manifest()
+    assert sorted(e["domain"] for e in m["files"].values()) == sorted(DOMAINS)
+    docs = read_documents()
+    for name, e in m["files"].items():
+        blob = (CORPUS_DIR / name).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == e["sha256"] and len(blob) == e["bytes"]
+        text = gzip.decompress(blob)
+        assert hashlib.sha256(text).hexdigest() == e["text_sha256"] and len(text) == e["text_bytes"]
+        assert len(docs[e["domain"]]) == e["documents"]
+    assert (CORPUS_DIR / "NOTICE").read_text().count("Python Software Foundation") >= 1
+
+
+def test_corpus_is_the_one_the_book_quotes(corpus):
+    # fixed bytes whatever Python runs this: the counts chapter 0 prints
+    assert [len(corpus.tokens[s]) for s in SPLITS] == [843_881, 92_435]
+    assert corpus.n_bytes["train"] == {"prose": 419_621, "code": 424_179}
+
+
+def test_corrupted_or_missing_file_is_named(tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(CORPUS_DIR, root)
+    assert read_documents(root) == read_documents()
+    blob = bytearray((root / "code.json.gz").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (root / "code.json.gz").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"code\.json\.gz does not match its SHA-256"):
+        read_documents(root)
+    (root / "code.json.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"code\.json\.gz is missing"):
+        read_documents(root)
+    (root / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json is missing"):
+        read_documents(root)
+
+
+def _build_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_corpus", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(_manifest()["built_with"] != f"{platform.python_implementation()} {platform.python_version()}",
+                    reason="the interpreter's text differs from the one the corpus was built with")
+def test_build_script_reproduces_the_shipped_text():
+    _, manifest = _build_script().build()
+    for name, e in manifest["files"].items():
+        assert e["text_sha256"] == _manifest()["files"][name]["text_sha256"]
 
 
 def test_unigram_entropy():

@@ -16,13 +16,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from dsv3lib.fp8 import gemm, quant
+from dsv3lib.dispatch import use_backend
+from dsv3lib.fp8 import quant
 from dsv3lib.fp8.linear import FP8Linear
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 
 
+@pytest.mark.slow
 def test_kernels_in_interpreter():
     if INTERPRETED:
         pytest.skip("this is the child process")
@@ -54,7 +56,7 @@ def test_act_quant_kernel_bit_exact(kernels, pow2):
     x = _rand(3, 23, 256, scale=3.0)  # M = 69 rows: not a multiple of the 32-row program block
     x[0, 1, :128] = 0  # an all-zero tile
     y, s = kernels.act_quant(x, pow2=pow2)
-    yr, sr = quant.act_quant(x, pow2=pow2)
+    yr, sr = quant.act_quant_ref(x, pow2=pow2)
     assert y.shape == x.shape and s.shape == (3, 23, 2)
     assert torch.equal(s, sr)
     assert torch.equal(_bits(y), _bits(yr))
@@ -79,7 +81,7 @@ def test_act_quant_kernel_rounds_ties_subnormals_like_torch(kernels):
 def test_weight_quant_kernel_bit_exact(kernels, shape):
     w = _rand(*shape, seed=1)
     y, s = kernels.weight_quant(w)
-    yr, sr = quant.weight_quant(w)
+    yr, sr = quant.weight_quant_ref(w)
     assert torch.equal(s, sr) and torch.equal(_bits(y), _bits(yr))
 
 
@@ -87,9 +89,9 @@ def test_weight_quant_kernel_bit_exact(kernels, shape):
 @pytest.mark.parametrize("M,N,K", [(70, 200, 256), (1, 128, 128)])
 @pytest.mark.parametrize("b_layout", ["blocks", "tiles"])
 def test_fp8_gemm_kernel_matches_reference(kernels, M, N, K, b_layout):
-    aq, as_ = quant.act_quant(_rand(M, K, seed=2))
+    aq, as_ = quant.act_quant_ref(_rand(M, K, seed=2))
     b = _rand(N, K, seed=3)
-    bq, bs = quant.weight_quant(b) if b_layout == "blocks" else quant.act_quant(b)
+    bq, bs = quant.weight_quant_ref(b) if b_layout == "blocks" else quant.act_quant_ref(b)
     as_ = as_ * torch.linspace(0.5, 2, as_.numel()).reshape(as_.shape)  # distinct scales per K block
     got = kernels.fp8_gemm(aq, as_, bq, bs)
     want = quant.fp8_gemm_ref(aq, as_, bq, bs)
@@ -103,25 +105,25 @@ def test_kernel_wrappers_check_layout(kernels):
         kernels.act_quant(torch.randn(4, 200))
     with pytest.raises(ValueError, match="contiguous"):
         kernels.act_quant(torch.randn(256, 8).t())
-    aq, as_ = quant.act_quant(torch.randn(4, 200))
-    bq, bs = quant.weight_quant(torch.randn(8, 200))
+    aq, as_ = quant.act_quant_ref(torch.randn(4, 200))
+    bq, bs = quant.weight_quant_ref(torch.randn(8, 200))
     with pytest.raises(ValueError, match="multiple of 128"):
         kernels.fp8_gemm(aq, as_, bq, bs)
 
 
 @in_child
-def test_fp8_linear_through_triton_matches_reference_path(kernels, monkeypatch):
+def test_fp8_linear_through_triton_matches_reference_path(kernels):
     torch.manual_seed(0)
     layer = FP8Linear(256, 128)
     x = torch.randn(70, 256)  # 70 tokens: Wgrad pads them to 128
     dy = torch.randn(70, 128)
     results = {}
     for backend in ("ref", "triton"):
-        monkeypatch.setattr(gemm, "BACKEND", backend)
-        xi = x.clone().requires_grad_(True)
-        layer.zero_grad()
-        y = layer(xi)
-        y.backward(dy)
+        with use_backend(backend):
+            xi = x.clone().requires_grad_(True)
+            layer.zero_grad()
+            y = layer(xi)
+            y.backward(dy)
         results[backend] = (y.detach(), xi.grad, layer.weight.grad.clone())
     for got, want in zip(results["triton"], results["ref"], strict=True):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -132,9 +134,9 @@ import torch
 from dsv3lib.fp8 import kernels, quant
 a, b = torch.randn(300, 512, device="cuda"), torch.randn(384, 512, device="cuda")
 for pow2 in (False, True):
-    y, s = kernels.act_quant(a, pow2=pow2); yr, sr = quant.act_quant(a, pow2=pow2)
+    y, s = kernels.act_quant(a, pow2=pow2); yr, sr = quant.act_quant_ref(a, pow2=pow2)
     assert torch.equal(s, sr) and torch.equal(y.view(torch.uint8), yr.view(torch.uint8)), "act_quant"
-w, ws = kernels.weight_quant(b); wr, wsr = quant.weight_quant(b)
+w, ws = kernels.weight_quant(b); wr, wsr = quant.weight_quant_ref(b)
 assert torch.equal(ws, wsr) and torch.equal(w.view(torch.uint8), wr.view(torch.uint8)), "weight_quant"
 c = kernels.fp8_gemm(y, s, w, ws); cr = quant.fp8_gemm_ref(y, s, w, ws)
 assert torch.allclose(c, cr, rtol=1e-4, atol=1e-4 * cr.abs().max().item()), (c - cr).abs().max()
@@ -142,6 +144,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8 tensor cores (sm_89+), not the interpreter")
 def test_compiled_kernels_on_gpu():

@@ -5,15 +5,17 @@ import torch
 
 from dsv3lib.fp8 import (
     FP8_DTYPE,
+    FP8_MAX,
     act_dequant,
+    act_quant_ref,
     dequant_per_row,
     fp8_gemm,
     fp8_gemm_ref,
     quant_per_row,
     quant_per_tensor,
     weight_dequant,
+    weight_quant_ref,
 )
-from dsv3lib.fp8.quant import act_quant, weight_quant
 
 
 def _rand(*shape, seed=0):
@@ -23,7 +25,7 @@ def _rand(*shape, seed=0):
 @pytest.mark.parametrize("K", [256, 200])
 def test_act_quant_scales_and_roundtrip(K):
     x = _rand(3, 5, K)
-    q, s = act_quant(x)
+    q, s = act_quant_ref(x)
     nk = -(-K // 128)
     assert q.dtype == FP8_DTYPE and q.shape == x.shape and s.shape == (3, 5, nk) and s.dtype == torch.float32
     tiles = torch.nn.functional.pad(x, (0, nk * 128 - K)).unflatten(-1, (nk, 128))
@@ -36,7 +38,7 @@ def test_act_quant_scales_and_roundtrip(K):
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130)])
 def test_weight_quant_blocks(shape):
     w = _rand(*shape, seed=1)
-    q, s = weight_quant(w)
+    q, s = weight_quant_ref(w)
     assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
     assert torch.allclose(s[0, 0], w[:128, :128].abs().amax() / 448)
     assert torch.allclose(s[-1, -1], w[(s.shape[0] - 1) * 128:, (s.shape[1] - 1) * 128:].abs().amax() / 448)
@@ -47,7 +49,7 @@ def test_weight_quant_blocks(shape):
 def test_pow2_scales_and_zero_tiles():
     x = _rand(4, 256)
     x[1, :128] = 0
-    q, s = act_quant(x, pow2=True)
+    q, s = act_quant_ref(x, pow2=True)
     assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
     assert (s >= x.abs().unflatten(-1, (2, 128)).amax(-1) / 448).all()  # never clips
     assert s[1, 0] == 1 and (q[1, :128].float() == 0).all()
@@ -61,12 +63,12 @@ def test_fine_grained_scaling_beats_per_tensor_under_outliers():
     errs["tensor"] = (dequant_per_row(q, s) - x).norm() / x.norm()
     q, s = quant_per_row(x)
     errs["row"] = (dequant_per_row(q, s) - x).norm() / x.norm()
-    q, s = act_quant(x)
+    q, s = act_quant_ref(x)
     errs["tile"] = (act_dequant(q, s) - x).norm() / x.norm()
     assert errs["tile"] <= errs["row"] < errs["tensor"]
 
 
-@pytest.mark.parametrize("fn", [act_quant, weight_quant, quant_per_tensor, quant_per_row])
+@pytest.mark.parametrize("fn", [act_quant_ref, weight_quant_ref, quant_per_tensor, quant_per_row])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_input_raises(fn, bad):
     x = _rand(128, 256)
@@ -78,8 +80,8 @@ def test_nonfinite_input_raises(fn, bad):
 @pytest.mark.parametrize("M,N,K", [(64, 256, 384), (37, 200, 130)])
 def test_fp8_gemm_ref_matches_dequantised_matmul(M, N, K):
     a, b = _rand(M, K, seed=3), _rand(N, K, seed=4)
-    aq, as_ = act_quant(a)
-    bq, bs = weight_quant(b)
+    aq, as_ = act_quant_ref(a)
+    bq, bs = weight_quant_ref(b)
     want = act_dequant(aq, as_).double() @ weight_dequant(bq, bs).double().T
     got = fp8_gemm_ref(aq, as_, bq, bs)
     assert got.shape == (M, N) and got.dtype == torch.float32
@@ -88,7 +90,7 @@ def test_fp8_gemm_ref_matches_dequantised_matmul(M, N, K):
     rel = (got - a @ b.T).norm() / (a @ b.T).norm()
     assert 5e-3 < rel < 0.06  # FP8's own error, neither absent nor broken
     # b with 1×128 tile scales (the Wgrad layout) and a batched a
-    bq2, bs2 = act_quant(b)
+    bq2, bs2 = act_quant_ref(b)
     want2 = act_dequant(aq, as_).double() @ act_dequant(bq2, bs2).double().T
     assert torch.allclose(fp8_gemm_ref(aq, as_, bq2, bs2).double(), want2, rtol=1e-5, atol=1e-5)
     got3 = fp8_gemm_ref(aq.reshape(1, M, K), as_.reshape(1, M, -1), bq, bs)
@@ -96,11 +98,22 @@ def test_fp8_gemm_ref_matches_dequantised_matmul(M, N, K):
 
 
 def test_fp8_gemm_ref_checks_arguments():
-    aq, as_ = act_quant(_rand(4, 256))
-    bq, bs = weight_quant(_rand(128, 256))
+    aq, as_ = act_quant_ref(_rand(4, 256))
+    bq, bs = weight_quant_ref(_rand(128, 256))
     with pytest.raises(ValueError, match="must be"):
         fp8_gemm_ref(aq.float(), as_, bq, bs)
     with pytest.raises(ValueError, match="a_scales"):
         fp8_gemm_ref(aq, as_[:, :1], bq, bs)
     with pytest.raises(ValueError, match="b_scales has"):
         fp8_gemm_ref(aq, as_, bq, torch.ones(3, 2))
+    bq, bs = weight_quant_ref(_rand(200, 256))
+    with pytest.raises(ValueError, match="b_scales has 1 rows"):
+        fp8_gemm_ref(aq, as_, bq, bs[:1])  # 200 rows need 2 block rows, or 200 tile rows
+
+
+def test_cpu_cast_saturates():
+    # quant._cast relies on it on the CPU (shared/DESIGN.md): anything past ±448, inf included, becomes ±448
+    x = torch.tensor([448.0, 449.0, 463.9, 464.0, 480.0, 1e30, float("inf"), -500.0, -float("inf")])
+    want = torch.tensor([448.0] * 7 + [-448.0] * 2)
+    assert torch.equal(x.to(FP8_DTYPE).float(), want)
+    assert FP8_MAX == torch.finfo(FP8_DTYPE).max == 448.0

@@ -26,6 +26,7 @@ def _all_gone(pids):
     return True
 
 
+@pytest.mark.slow
 def test_launch_returns_rank0_value():
     out = launch(workers.ranks_and_sum, 4, (2.0,))
     assert [s[:2] for s in out["seen"]] == [(r, 4) for r in range(4)]
@@ -34,6 +35,7 @@ def test_launch_returns_rank0_value():
     assert _all_gone([s[2] for s in out["seen"]])
 
 
+@pytest.mark.slow
 def test_a_raising_rank_ends_the_job(capfd):
     t0 = time.monotonic()
     with pytest.raises(JobFailed, match=r"^rank 2 failed during step 3: ValueError: boom$") as info:
@@ -48,6 +50,7 @@ def test_a_raising_rank_ends_the_job(capfd):
     assert _all_gone(info.value.pids)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job(capfd):
     t0 = time.monotonic()
     with pytest.raises(JobFailed, match=r"^rank 1 was killed by SIGKILL during step 2$") as info:
@@ -58,6 +61,7 @@ def test_a_killed_rank_ends_the_job(capfd):
     assert _all_gone(info.value.pids)
 
 
+@pytest.mark.slow
 def test_survivors_that_lose_a_peer_name_it(capfd, monkeypatch):
     """Without the parent's SIGTERM, survivors leave on their own gloo error ("connection closed by peer"),
     after reading the record the parent writes for the killed rank."""
@@ -72,6 +76,7 @@ def test_survivors_that_lose_a_peer_name_it(capfd, monkeypatch):
     assert info.value.exitcodes == [1, 1, -9]
 
 
+@pytest.mark.slow
 def test_torchrun_failure_names_the_rank():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(TESTS / "launch_workers.py"), "--fail-rank", "1", "--fail-step", "2"]

@@ -82,6 +82,7 @@ def _kernel_cases(device: str) -> None:
     print("kernel ok")
 
 
+@pytest.mark.slow
 def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     tests = Path(__file__).resolve().parent
@@ -92,6 +93,7 @@ def test_triton_kernel_under_interpreter():
     assert res.returncode == 0 and "kernel ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_on_gpu():
     pytest.importorskip("triton")

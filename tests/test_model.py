@@ -359,3 +359,32 @@ def test_casting_keeps_rope_table_and_gate_bias():
     assert all(layer.ffn.gate.bias.dtype == torch.float32 for layer in model.layers[model.cfg.n_dense_layers:])
     got = model(x, mtp=False).logits.float()
     assert (got - ref).norm() / ref.norm() < 0.05
+
+
+# ------------------------------------------------------------------------------------------ modules and modes
+def test_block_lives_in_its_own_module():
+    from dsv3lib.model import Block
+    from dsv3lib.model.block import Block as from_block
+    from dsv3lib.model.mtp import MTPModule
+    from dsv3lib.model.transformer import Block as from_transformer
+
+    assert Block is from_block is from_transformer
+    model = make_model(tiny(n_mtp_modules=1))
+    assert all(type(b) is Block for b in [*model.layers, model.mtp[0].block])
+    assert isinstance(model.mtp[0], MTPModule)
+
+
+def test_eval_mode_restores_the_mode_it_found():
+    from dsv3lib.model import eval_mode
+
+    model = make_model(tiny())
+    for start in (True, False):
+        model.train(start)
+        with eval_mode(model) as m:
+            assert m is model and not any(x.training for x in model.modules())
+        assert all(x.training == start for x in model.modules())
+    model.train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model):
+            raise RuntimeError("inside")
+    assert model.training

@@ -11,15 +11,18 @@ from dsv3lib.config import ModelConfig
 from dsv3lib.model import (
     Gate,
     MoE,
+    Routing,
     Transformer,
 )
+from dsv3lib.model.moe import combine, sort_by_expert
 
 
 # ------------------------------------------------------------------------------------------ 4. routing
 def reference_select(biased: torch.Tensor, cfg: ModelConfig) -> list[set[int]]:
-    """Per-token loop: rank groups by the sum of their top (topk // limited) biased scores, keep the best
-    n_limited_groups, then pick the top n_activated_experts inside them."""
-    per_group = max(1, cfg.n_activated_experts // cfg.n_limited_groups)
+    """Per-token loop: rank groups by the sum of their top-2 biased scores (the released rule; the paper's
+    top (topk // limited) under group_score="paper"), keep the best n_limited_groups, then pick the top
+    n_activated_experts inside them."""
+    per_group = 2 if cfg.group_score == "top2" else max(1, cfg.n_activated_experts // cfg.n_limited_groups)
     E = cfg.experts_per_group
     chosen = []
     for row in biased.tolist():
@@ -39,7 +42,7 @@ def test_gate_group_limit_and_weights(score_func):
     N = 64
     x = torch.randn(N, cfg.dim, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        weights, indices = gate(x)
+        weights, indices, *_ = gate(x)
         scores = gate.scores(x)
     assert weights.shape == indices.shape == (N, cfg.n_activated_experts)
     assert indices.dtype == torch.long
@@ -63,13 +66,26 @@ def test_gate_group_limit_and_weights(score_func):
     torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True) * 2.5, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("group_score", ["top2", "paper"])
+def test_group_rules_differ_when_kr_over_m_is_not_2(group_score):
+    cfg = tiny(n_activated_experts=6, group_score=group_score)  # 4 groups of 4, ≤ 2 groups: K_r/M = 3
+    gate = make_moe(cfg).gate
+    x = torch.randn(256, cfg.dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        indices = gate(x).indices
+        biased = gate.scores(x) + gate.bias
+    assert [set(r.tolist()) for r in indices] == reference_select(biased, cfg)
+    other = cfg.replace(group_score="paper" if group_score == "top2" else "top2")
+    assert [set(r.tolist()) for r in indices] != reference_select(biased, other)  # some token differs
+
+
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_gate_without_normalisation(score_func):
     cfg = tiny(route_scale=2.5, score_func=score_func, norm_topk_prob=False)
     gate = make_moe(cfg).gate
     x = torch.randn(32, cfg.dim, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        weights, indices = gate(x)
+        weights, indices, *_ = gate(x)
         raw = gate.scores(x).gather(1, indices)
     torch.testing.assert_close(weights, raw * 2.5, atol=1e-6, rtol=0)
 
@@ -79,7 +95,7 @@ def test_gate_no_groups():
     gate = make_moe(cfg).gate
     x = torch.randn(32, cfg.dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        _, indices = gate(x)
+        indices = gate(x).indices
         biased = gate.scores(x) + gate.bias
     expect = biased.topk(cfg.n_activated_experts, dim=-1).indices
     assert [set(r.tolist()) for r in indices] == [set(r.tolist()) for r in expect]
@@ -92,10 +108,10 @@ def test_bias_changes_choice_not_weight():
     x = torch.randn(N, cfg.dim, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         gate.bias.zero_()
-        _, before = gate(x)
+        before = gate(x).indices
         assert not (before == j).any(dim=1).all()  # j is not everyone's choice without the bias
         gate.bias[j] = 10.0
-        weights, indices = gate(x)
+        weights, indices, *_ = gate(x)
         s = gate.scores(x)  # raw affinities, bias-free
     assert (indices == j).any(dim=1).all()  # the bias makes every token pick j
     col = (indices == j).float().argmax(dim=1)
@@ -119,18 +135,42 @@ def test_bias_is_buffer_without_grad():
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
 
 
-def test_last_counts():
+def test_gate_returns_its_routing_to_the_caller_and_its_hooks():
     cfg = tiny()
     moe = make_moe(cfg)
     x = torch.randn(3, 7, cfg.dim, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        moe(x)
-        counts = moe.gate.last_counts.clone()
-        _, indices = moe.gate(x.reshape(-1, cfg.dim))
-    N = 3 * 7
-    assert counts.shape == (cfg.n_routed_experts,)
-    assert counts.sum().item() == N * cfg.n_activated_experts
-    assert torch.equal(counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
+    seen = []
+    handle = moe.gate.register_forward_hook(lambda gate, args, routing: seen.append(routing))
+    moe(x)
+    handle.remove()
+    moe(x)
+    (r,) = seen  # one forward with the hook on
+    N, E, K = 3 * 7, cfg.n_routed_experts, cfg.n_activated_experts
+    assert isinstance(r, Routing) and r.token_shape == (3, 7)
+    assert r.weights.shape == r.indices.shape == (N, K) and r.scores.shape == (N, E)
+    assert r.scores.dtype == torch.float32 and r.scores.requires_grad  # the aux losses train through it
+    flat = moe.gate(x.reshape(-1, cfg.dim))  # the same tokens, flat: the same routing, token_shape (N,)
+    assert flat.token_shape == (N,)
+    assert torch.equal(flat.indices, r.indices) and torch.equal(flat.weights, r.weights)
+    assert torch.equal(flat.scores, r.scores)
+    assert not any(n.startswith("last_") for n in vars(moe.gate))  # the gate keeps nothing from a forward
+
+
+def test_sort_by_expert_and_combine():
+    g = torch.Generator().manual_seed(9)
+    N, K, E, D = 7, 3, 5, 4
+    indices = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])  # (N, K)
+    weights = torch.rand(N, K, generator=g)
+    x = torch.randn(N, D, generator=g)
+    order, token_of, counts = sort_by_expert(indices, E)
+    assert counts.tolist() == [int((indices == e).sum()) for e in range(E)]
+    # sorted slots: by expert, tokens ascending within an expert
+    pairs = [(int(indices.flatten()[o]), int(t)) for o, t in zip(order, token_of)]
+    assert pairs == sorted((int(indices[n, k]), n) for n in range(N) for k in range(K))
+    # each "expert" e scales its rows by (e + 1); combine adds them per token, weighted
+    out = x[token_of] * (indices.flatten()[order] + 1).unsqueeze(-1).float()
+    expect = torch.stack([sum(weights[n, k] * (indices[n, k] + 1) * x[n] for k in range(K)) for n in range(N)])
+    torch.testing.assert_close(combine(out, weights, order, token_of), expect)
 
 
 def test_standalone_gate_weight_is_initialised():
@@ -162,7 +202,7 @@ def test_model_gate_biases_are_zero_at_init_and_not_parameters():
 def loop_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """For each token: Σ_j w_j · expert_j(x) + shared(x)."""
     flat = x.reshape(-1, x.size(-1))
-    weights, indices = moe.gate(flat)
+    weights, indices, *_ = moe.gate(flat)
     rows = []
     for n in range(flat.size(0)):
         y = moe.shared_experts(flat[n]) if moe.shared_experts is not None else torch.zeros_like(flat[n])

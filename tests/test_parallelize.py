@@ -93,6 +93,7 @@ def test_comm_overlap_arithmetic():
     assert comm_overlap(parts, comm) == {"comm": 3.0, "under_other_half": 0.5 + 1.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, message", [("raise", r"^rank 3 failed during step 2: ValueError: boom in a MoE forward$"),
                                           ("kill", r"^rank 3 was killed by SIGKILL during step 2$")])
 def test_a_failing_rank_ends_the_parallel_job(how, message):
@@ -107,3 +108,17 @@ def test_a_failing_rank_ends_the_parallel_job(how, message):
         launch(launch_workers.fail_in_parallel_step, 4, (3, 2, how))
     assert time.monotonic() - t0 < 60
     assert all(code != 0 for code in info.value.exitcodes)
+
+
+@pytest.mark.slow
+def test_torchrun_entry_point_trains():
+    """The README's command: 4 processes under torchrun, PP 2 × EP 2 with DualPipe, a few AdamW steps."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "-m", "dsv3lib.parallel", "--pp", "2", "--ep", "2", "--schedule", "DualPipe", "--steps", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in run.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0], run.stdout

@@ -38,6 +38,7 @@ def test_greedy_equals_plain_greedy_on_random_models(n_mtp):
             assert stats.new_tokens == 20 and len(stats.sources) == 20
 
 
+@pytest.mark.slow
 def test_greedy_equals_plain_greedy_on_a_trained_model(trained):
     val = load_corpus().val
     checked = [0, 0]
@@ -56,6 +57,7 @@ def test_greedy_equals_plain_greedy_on_a_trained_model(trained):
     assert checked[1] <= checked[0]
 
 
+@pytest.mark.slow
 def test_stats_add_up(trained):
     prompt = load_corpus().val[:16]
     tokens, stats = speculative_generate(trained, prompt, 30, depth=2)
@@ -66,6 +68,7 @@ def test_stats_add_up(trained):
     assert all(0 <= a <= 1 for a in stats.acceptance)
 
 
+@pytest.mark.slow
 def test_eos_stops_like_plain_generation(trained):
     prompt = load_corpus().val[100:120]
     plain = generate(trained, prompt, 30)
@@ -90,6 +93,7 @@ def test_accept_or_resample_preserves_the_target_distribution():
     assert all(accept_or_resample(p, p, d, g)[0] for d in drafts[:500])
 
 
+@pytest.mark.slow
 def test_speculative_sampling_keeps_the_second_token_distribution():
     """Exact marginal of the 2nd new token under the main model vs the frequency of speculative samples."""
     torch.manual_seed(1)

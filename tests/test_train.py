@@ -1,6 +1,8 @@
 """Training loop: schedule, loss goes down, exact resume, CLI, callbacks."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -73,16 +75,51 @@ def test_callbacks_see_every_step():
     assert seen == [1, 2, 3]
 
 
-def test_a_failing_step_still_switches_routing_recording_off():
+def _probe_scores(model):
+    """A hook on every gate keeping a weak reference to each routing's scores (the aux loss's graph input)."""
+    gates = [m for m in model.modules() if type(m).__name__ == "Gate"]
+    refs = []
+    handles = [g.register_forward_hook(lambda gate, args, r: refs.append(weakref.ref(r.scores))) for g in gates]
+    return gates, refs, handles
+
+
+@pytest.mark.parametrize("fail_at", [None, 2])
+def test_the_aux_loss_keeps_no_graph_and_no_hook_after_training(fail_at):
     model = small_model()
+    gates, refs, handles = _probe_scores(model)
 
     def fail(info):
-        raise RuntimeError("boom")
+        if info.step == fail_at:
+            raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        train(model, TrainConfig(steps=3, aux_loss_alpha=1e-3, **FAST), callbacks=[fail], progress=False)
+    tcfg = TrainConfig(steps=3, aux_loss_alpha=1e-3, **FAST)
+    if fail_at is None:
+        train(model, tcfg, callbacks=[fail], progress=False)
+    else:  # a failing step removes the hooks all the same
+        with pytest.raises(RuntimeError, match="boom"):
+            train(model, tcfg, callbacks=[fail], progress=False)
+    gc.collect()
+    assert gates and all(len(g._forward_hooks) == 1 for g in gates)  # only the probe's
+    assert len(refs) >= 2 * len(gates)  # the probe saw the training forwards
+    assert all(r() is None for r in refs)  # no routing's scores (nor their graph) outlive the steps
+    for h in handles:
+        h.remove()
+
+
+def test_callbacks_see_the_loads_of_their_step():
+    model = small_model()
+    seen, loads = [], []
     gates = [m for m in model.modules() if type(m).__name__ == "Gate"]
-    assert gates and not any(g.record or g.last_scores is not None for g in gates)
+    hook = lambda gate, args, r: seen.append(r.indices) if gate.training else None  # noqa: E731
+    handles = [g.register_forward_hook(hook) for g in gates]
+    tcfg = TrainConfig(steps=3, **FAST)  # evaluates after step 3: its forwards are not the step's
+    train(model, tcfg, callbacks=[lambda info: loads.append(info.loads)], progress=False)
+    for h in handles:
+        h.remove()
+    assert len(loads) == 3 and len(seen) == 3 * len(gates)
+    for step, counts in enumerate(loads):
+        expect = [torch.bincount(ix.flatten(), minlength=16) for ix in seen[step * len(gates):][:len(gates)]]
+        assert torch.equal(counts, torch.stack(expect))
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("batch_size", 0), ("min_lr_ratio", 2.0)])

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FloatFormat", "E4M3", "E5M2", "E5M6", "FP16", "BF16", "FORMATS", "encode", "decode", "round_to_format",
-           "all_values"]
+__all__ = ["FloatFormat", "E4M3", "E5M2", "E5M6", "FP16", "BF16", "FORMATS", "FP8_DTYPE", "FP8_MAX", "encode", "decode",
+           "round_to_format", "all_values"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,11 @@ E5M6 = FloatFormat("e5m6", 5, 6, 15)  # the paper's custom cache format (§3.3.3
 FP16 = FloatFormat("fp16", 5, 10, 15)
 BF16 = FloatFormat("bf16", 8, 7, 127)
 FORMATS = {f.name: f for f in (E4M3, E5M2, E5M6, FP16, BF16)}
+
+# The one FP8 format of every GEMM operand (V3 §3.3.2), as torch names it, and its largest finite value (448):
+# quantisers map each group's amax to it (``fp8.quant``, ``fp8.kernels``).
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = E4M3.max
 
 
 def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:

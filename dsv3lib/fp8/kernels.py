@@ -14,18 +14,20 @@ the scales and quotients match torch bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-__all__ = ["act_quant", "weight_quant", "fp8_gemm", "GEMM_CONFIGS"]
+from ..dispatch import interpreting
+from .formats import FP8_DTYPE, FP8_MAX
+from .quant import check_gemm_args
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FP8_MAX = 448.0
+__all__ = ["act_quant", "weight_quant", "fp8_gemm", "GEMM_CONFIGS", "INTERPRET"]
+
+INTERPRET = interpreting()  # Triton reads TRITON_INTERPRET when first imported
 _USE_LIBDEVICE = tl.constexpr(not INTERPRET)  # the interpreter lacks libdevice.rint
+_MAX = tl.constexpr(FP8_MAX)  # 448, the largest E4M3fn value
 
 # Autotune candidates for the GEMM (BLOCK_K is the 128-wide scaling group and stays fixed).
 GEMM_CONFIGS = [
@@ -40,7 +42,7 @@ if INTERPRET:  # the interpreter pays per program and per loop step: few, large 
 @triton.jit
 def _round_e4m3(y):
     """Round float32 ``y`` to the nearest E4M3fn value (ties to even), saturating at ±448; stays float32."""
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    y = tl.minimum(tl.maximum(y, -_MAX), _MAX)
     bits = y.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127  # unbiased exponent of |y|
     e = tl.maximum(e, -6)  # E4M3 subnormals share the spacing of exponent -6
@@ -57,7 +59,7 @@ def _round_e4m3(y):
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
     # IEEE division (``/`` may compile to an approximate one) so scales match torch's amax / 448 exactly
-    s = tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    s = tl.div_rn(amax, tl.full(amax.shape, _MAX, tl.float32))
     if POW2:  # next power of two ≥ s from the bits: bump the exponent unless the mantissa is already 0
         bits = s.to(tl.int32, bitcast=True)
         e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
@@ -85,13 +87,13 @@ def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False):
     Args:
         x: (..., K) contiguous, K a multiple of ``block_size``.
     Returns:
-        (..., K) float8_e4m3fn and (..., K/block_size) float32 scales, as :func:`quant.act_quant`.
+        (..., K) float8_e4m3fn and (..., K/block_size) float32 scales, as :func:`quant.act_quant_ref`.
     """
     if not x.is_contiguous() or x.shape[-1] % block_size:
         raise ValueError(f"act_quant kernel: x must be contiguous with K % {block_size} == 0, got {tuple(x.shape)}")
     K = x.shape[-1]
     M = x.numel() // K
-    y = torch.empty_like(x, dtype=torch.float8_e4m3fn)
+    y = torch.empty_like(x, dtype=FP8_DTYPE)
     s = x.new_empty(*x.shape[:-1], K // block_size, dtype=torch.float32)
     block_m = 32 if INTERPRET else 16
     grid = (triton.cdiv(M, block_m), K // block_size)
@@ -117,12 +119,12 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False):
     """``block_size``×``block_size`` quantisation of a contiguous (N, K) weight (any N, K).
 
     Returns:
-        (N, K) float8_e4m3fn and (ceil(N/bs), ceil(K/bs)) float32 scales, as :func:`quant.weight_quant`.
+        (N, K) float8_e4m3fn and (ceil(N/bs), ceil(K/bs)) float32 scales, as :func:`quant.weight_quant_ref`.
     """
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"weight_quant kernel: w must be a contiguous (N, K) matrix, got {tuple(w.shape)}")
     N, K = w.shape
-    y = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+    y = torch.empty_like(w, dtype=FP8_DTYPE)
     grid = (triton.cdiv(N, block_size), triton.cdiv(K, block_size))
     s = w.new_empty(*grid, dtype=torch.float32)
     weight_quant_kernel[grid](w, y, s, N, K, BLOCK=block_size, POW2=pow2)
@@ -165,11 +167,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
              block_size: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``a @ bᵀ`` for FP8 a (..., K) with 1×128 scales and b (N, K) with 128×128 block or 1×128 tile scales.
 
-    K must be a multiple of ``block_size``; M and N are free. Returns (..., N) in ``out_dtype``.
+    K must be a multiple of ``block_size``; M and N are free; b and the scales may have any strides (they are
+    made contiguous). Returns (..., N) in ``out_dtype``.
     """
-    from .quant import _check_gemm_args
-
-    _check_gemm_args(a, a_s, b, b_s, block_size)
+    check_gemm_args(a, a_s, b, b_s, block_size)
     K = a.shape[-1]
     if K % block_size:
         raise ValueError(f"fp8_gemm kernel: K={K} must be a multiple of {block_size} (use the reference)")

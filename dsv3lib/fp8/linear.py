@@ -27,7 +27,6 @@ import fnmatch
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..wgrad import accumulate, current_sink
@@ -36,9 +35,18 @@ from . import gemm, quant
 __all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear"]
 
 
-def _pad_rows(t: torch.Tensor, block: int) -> torch.Tensor:
-    pad = -t.shape[0] % block
-    return F.pad(t, (0, 0, 0, pad)) if pad else t
+def _tokens_last(ts: list[torch.Tensor], block: int) -> torch.Tensor:
+    """(M, C_i) tensors → one contiguous (ΣC_i, Mp): each transposed so tokens come last (Wgrad contracts over
+    them), stacked, zero-padded to Mp, a multiple of ``block``. One pass over the data."""
+    M = ts[0].shape[0]
+    if M % block == 0:
+        return torch.cat([t.t() for t in ts])
+    out = ts[0].new_zeros(sum(t.shape[1] for t in ts), M + (-M % block))
+    row = 0
+    for t in ts:
+        out[row:row + t.shape[1], :M] = t.t()
+        row += t.shape[1]
+    return out
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -69,8 +77,7 @@ class FP8LinearFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W; Wᵀ's blocks are W's blocks transposed
             dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
-            wtq = wq.view(torch.uint8).t().contiguous().view(wq.dtype)  # (K, N)
-            dx = gemm.fp8_gemm(dyq, dys, wtq, ws.t().contiguous(), block_size=bs)  # (M, K)
+            dx = gemm.fp8_gemm(dyq, dys, wq.t(), ws.t(), block_size=bs)  # (M, K); Wᵀ (K, N) as a view
             dx = dx.to(dy.dtype).reshape(ctx.x_shape)
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         w_dtype = ctx.w_dtype
@@ -81,11 +88,10 @@ class FP8LinearFunction(torch.autograd.Function):
                 dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
             elif need_w:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
                 x_hp = quant.act_dequant(xq, xs, bs)  # (M, K): re-tile the cached FP8 input
-                dyt = _pad_rows(dy2, bs).t().contiguous()  # (N, Mp)
-                xt = _pad_rows(x_hp, bs).t().contiguous()  # (K, Mp)
-                dytq, dyts = gemm.act_quant(dyt, bs, name="FP8Linear grad_output")
-                xtq, xts = gemm.act_quant(xt, bs, name="FP8Linear input")
-                dw = gemm.fp8_gemm(dytq, dyts, xtq, xts, block_size=bs)  # (N, K) fp32 for the FP32 master weight
+                # dyᵀ (N, Mp) and xᵀ (K, Mp) stacked: the same tiles along tokens, so one quantiser call for both
+                # (x_hp is finite by construction: only dy can hold a NaN)
+                tq, ts = gemm.act_quant(_tokens_last([dy2, x_hp], bs), bs, name="FP8Linear grad_output")
+                dw = gemm.fp8_gemm(tq[:N], ts[:N], tq[N:], ts[N:], block_size=bs)  # (N, K) fp32 for the master W
             if dw is not None:
                 dw = dw.to(w_dtype)
             if need_b:

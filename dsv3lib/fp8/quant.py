@@ -3,13 +3,18 @@
 Scaling groups from V3 §3.3.2: activations in 1×128 tiles (one scale per token per 128 channels),
 weights in 128×128 blocks. Scale ``s = amax / 448`` from the current group (online, no amax history),
 ``q = fp8(x / s)``, dequantise ``q · s``. The same semantics as DeepSeek's ``inference/kernel.py``
-(``act_quant``, ``weight_quant``/``weight_dequant``, ``fp8_gemm``), which the Triton kernels in
-``kernels.py`` implement on a GPU; ``gemm.py`` picks one.
+(``act_quant``, ``weight_quant``/``weight_dequant``, ``fp8_gemm``); the references here carry a ``_ref``
+suffix, the Triton kernels in ``kernels.py`` implement them on a GPU and ``gemm.py`` picks one.
 
 Shapes need not be multiples of the block: the last group is partial (its amax is taken over the
 elements that exist) and scale tensors have ``ceil(K/128)`` columns. An all-zero group gets scale 1.
 NaN or inf in a quantiser's input raises ``ValueError`` naming the tensor: saturating them silently
 would turn a diverged step into plausible numbers.
+
+The CPU trains through these functions, a hundred small ops per FP8Linear step, so they avoid work that
+changes no number: FP8 → FP32 by a 256-entry table (torch's CPU cast is ~5× slower), no padding of a
+dimension that is one group anyway, no zero-initialised accumulator to add into, scales multiplied in place.
+tests/test_fp8_oracle.py holds them to the straightforward versions bit for bit.
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "check_finite", "compute_scale", "quant_per_tensor", "quant_per_row",
-           "dequant_per_row", "act_quant", "act_dequant", "weight_quant", "weight_dequant", "expand_b_scales",
+from .formats import FP8_DTYPE, FP8_MAX
+
+__all__ = ["check_finite", "compute_scale", "fp8_to_float", "quant_per_tensor", "quant_per_row", "dequant_per_row",
+           "act_quant_ref", "act_dequant", "weight_quant_ref", "weight_dequant", "expand_b_scales", "check_gemm_args",
            "fp8_gemm_ref"]
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite E4M3fn value
+_TABLE: torch.Tensor | None = None  # the FP32 value of each of the 256 E4M3 bytes (CPU), made on first use
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or inf."""
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or inf; refusing to quantise it to FP8 (it would saturate)")
 
@@ -37,12 +45,62 @@ def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     if pow2:  # a power of two makes x/s and q·s exact: only the FP8 rounding remains (V3 §3.3.3)
         m, e = torch.frexp(s)  # s = m·2^e, 0.5 <= m < 1: s is a power of two iff m == 0.5
         s = torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return torch.where(amax > 0, s, 1.0)
+
+
+def _group_scales(amax: torch.Tensor, pow2: bool, name: str) -> torch.Tensor:
+    """``check_finite(amax, name)`` then ``compute_scale(amax, pow2)``, in two small ops when no group is all zero
+    (the usual case): amax is NaN/inf iff its group holds one, so this checks all of the quantiser's input."""
+    if amax.numel():
+        lo, hi = torch.aminmax(amax)  # NaN propagates to both
+        if not math.isfinite(hi):
+            check_finite(amax, name)  # raises
+        if not pow2 and lo.item() > 0:
+            return amax / FP8_MAX  # = compute_scale(amax): the "amax == 0 → 1" rule has nothing to do
+    return compute_scale(amax, pow2)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # skips a call: this module runs ~100 ops per FP8Linear
+
+
+def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """``q.float()`` for a float8_e4m3fn tensor of any strides, as a new contiguous FP32 tensor.
+
+    On the CPU it looks each byte up in a 256-entry table of the values ``.float()`` gives (the same numbers,
+    about 5× faster than torch's CPU cast); elsewhere it is the cast.
+    """
+    if q.device.type != "cpu":
+        return q.to(torch.float32, memory_format=torch.contiguous_format)
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    codes = q.view(torch.uint8)
+    codes = codes.int() if q.is_contiguous() else codes.to(torch.int32, memory_format=torch.contiguous_format)
+    return _TABLE.index_select(0, codes.view(-1)).view(q.shape)
 
 
 def _cast(x: torch.Tensor) -> torch.Tensor:
-    # torch's CPU/GPU cast rounds to nearest even and saturates to ±448
-    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """Round a temporary FP32 tensor to E4M3 (nearest even), saturating at ±448; contiguous whatever x's strides.
+
+    torch's CPU cast saturates by itself (tests/test_fp8_quant.py checks it); elsewhere clamp first, in place.
+    """
+    if x.device.type != "cpu":
+        x = x.clamp_(-FP8_MAX, FP8_MAX)
+    return x.to(FP8_DTYPE) if x.is_contiguous() else x.to(FP8_DTYPE, memory_format=torch.contiguous_format)
+
+
+def _groups(x: torch.Tensor, dim: int, block_size: int) -> tuple[torch.Tensor, int]:
+    """Split ``dim`` of ``x`` into (groups, group width), zero-padding it to whole groups if it spans several;
+    a dim no longer than one group is one (maybe partial) group as it is. Zeros change no amax. Returns the
+    view and the padding added."""
+    n = x.shape[dim]
+    pad = -n % block_size if n > block_size else 0
+    if pad:
+        widths = [0, 0] * (x.dim() - dim % x.dim())
+        widths[-1] = pad  # F.pad lists the last dim first
+        x = F.pad(x, widths)
+    return x.unflatten(dim, (-1, min(n, block_size))), pad
 
 
 def quant_per_tensor(x: torch.Tensor, *, pow2: bool = False, name: str = "x"):
@@ -61,19 +119,10 @@ def quant_per_row(x: torch.Tensor, *, pow2: bool = False, name: str = "x"):
 
 def dequant_per_row(x_fp8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x_fp8 · s`` in FP32; works for per-tensor (0-d) and per-row ((..., 1)) scales."""
-    return x_fp8.float() * s
+    return fp8_to_float(x_fp8) * s
 
 
-def _pad_to(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
-    pad = -x.shape[dim] % block
-    if pad == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = pad
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-
-def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "x"):
+def act_quant_ref(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "x"):
     """Quantise the last dim of ``x`` in 1×``block_size`` tiles.
 
     Args:
@@ -85,21 +134,24 @@ def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, nam
         x_fp8: (..., K) float8_e4m3fn;  scales: (..., ceil(K/block_size)) float32 (amax/448 per tile).
     """
     K = x.shape[-1]
-    xt = _pad_to(x.float(), -1, block_size).unflatten(-1, (-1, block_size))  # (..., nk, bs)
-    amax = xt.abs().amax(dim=-1)  # (..., nk)
-    check_finite(amax, name)  # amax is NaN/inf iff its tile has one: a cheap check of all of x
-    s = compute_scale(amax, pow2)
-    q = _cast(xt / s.unsqueeze(-1)).flatten(-2)[..., :K]
-    return q, s
+    xf = _f32(x)
+    if K <= block_size:  # one (maybe partial) tile per row: no reshaping
+        s = _group_scales(xf.abs().amax(dim=-1, keepdim=True), pow2, name)  # (..., 1)
+        return _cast(xf / s), s
+    xt, pad = _groups(xf, -1, block_size)  # (..., nk, bs)
+    s = _group_scales(xt.abs().amax(dim=-1), pow2, name)  # (..., nk)
+    y = (xt / s.unsqueeze(-1)).flatten(-2)
+    return _cast(y[..., :K] if pad else y), s
 
 
 def act_dequant(x_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
-    """Inverse of :func:`act_quant` (FP32)."""
+    """Inverse of :func:`act_quant_ref` (FP32)."""
     K = x_fp8.shape[-1]
-    return (x_fp8.float() * s.repeat_interleave(block_size, dim=-1)[..., :K])
+    scales = s if K <= block_size else s.repeat_interleave(block_size, dim=-1)[..., :K]  # one tile: broadcast
+    return fp8_to_float(x_fp8) * scales
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "weight"):
+def weight_quant_ref(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "weight"):
     """Quantise a (N, K) weight in ``block_size``×``block_size`` blocks.
 
     Returns:
@@ -108,33 +160,32 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, 
     if w.dim() != 2:
         raise ValueError(f"weight_quant: {name} must be 2-D (N, K), got shape {tuple(w.shape)}")
     N, K = w.shape
-    wb = _pad_to(_pad_to(w.float(), 0, block_size), 1, block_size)
-    wb = wb.unflatten(0, (-1, block_size)).unflatten(2, (-1, block_size))  # (nn, bs, nk, bs)
-    amax = wb.abs().amax(dim=(1, 3))  # (nn, nk)
-    check_finite(amax, name)  # NaN/inf in a block make its amax NaN/inf
-    s = compute_scale(amax, pow2)
-    q = _cast(wb / s[:, None, :, None]).flatten(2).flatten(0, 1)[:N, :K]
-    return q, s
+    wf = _f32(w)
+    if N <= block_size and K <= block_size:  # one (maybe partial) block: no reshaping
+        s = _group_scales(wf.abs().amax(dim=(0, 1), keepdim=True), pow2, name)  # (1, 1)
+        return _cast(wf / s), s
+    wb, pad_n = _groups(wf, 0, block_size)
+    wb, pad_k = _groups(wb, 2, block_size)  # (nn, bs, nk, bs)
+    s = _group_scales(wb.abs().amax(dim=(1, 3)), pow2, name)  # (nn, nk)
+    y = (wb / s[:, None, :, None]).flatten(2).flatten(0, 1)
+    return _cast(y[:N, :K] if pad_n or pad_k else y), s
 
 
 def weight_dequant(w_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
-    """Inverse of :func:`weight_quant` (FP32, (N, K))."""
+    """Inverse of :func:`weight_quant_ref` (FP32, (N, K))."""
     N, K = w_fp8.shape
     full = s.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:N, :K]
-    return w_fp8.float() * full
+    return fp8_to_float(w_fp8) * full
 
 
 def expand_b_scales(b_s: torch.Tensor, N: int, block_size: int = 128) -> torch.Tensor:
-    """(N, nk) per-row scales of B from either 128×128 block scales (ceil(N/bs), nk) or 1×128 tile scales (N, nk)."""
-    nb = math.ceil(N / block_size)
-    if b_s.shape[0] == N:
-        return b_s
-    if b_s.shape[0] == nb:
-        return b_s.repeat_interleave(block_size, 0)[:N]
-    raise ValueError(f"fp8_gemm: b_scales has {b_s.shape[0]} rows; expected {nb} (128×128 blocks) or {N} (1×128 tiles)")
+    """(N, nk) per-row scales of B from either 128×128 block scales (ceil(N/bs), nk) or 1×128 tile scales (N, nk)
+    (which of the two :func:`check_gemm_args` checks)."""
+    return b_s if b_s.shape[0] == N else b_s.repeat_interleave(block_size, 0)[:N]
 
 
-def _check_gemm_args(a, a_s, b, b_s, block_size):
+def check_gemm_args(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, block_size: int) -> None:
+    """Raise ``ValueError`` naming the argument unless ``fp8_gemm(a, a_s, b, b_s)`` is well formed."""
     if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_gemm: a and b must be {FP8_DTYPE}, got {a.dtype} and {b.dtype}")
     if b.dim() != 2 or a.shape[-1] != b.shape[-1]:
@@ -144,6 +195,23 @@ def _check_gemm_args(a, a_s, b, b_s, block_size):
         raise ValueError(f"fp8_gemm: a_scales must have shape {(*a.shape[:-1], nk)}, got {tuple(a_s.shape)}")
     if b_s.dim() != 2 or b_s.shape[1] != nk:
         raise ValueError(f"fp8_gemm: b_scales must have {nk} columns (one per {block_size} K), got {tuple(b_s.shape)}")
+    N, nb = b.shape[0], math.ceil(b.shape[0] / block_size)
+    if b_s.shape[0] not in (nb, N):
+        raise ValueError(f"fp8_gemm: b_scales has {b_s.shape[0]} rows; expected {nb} (128×128 blocks) or {N} "
+                         "(1×128 tiles)")
+
+
+def _k_blocks(q: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """``[q[:, k0:k0 + block_size].float() for k0 in range(0, K, block_size)]`` for a (R, K) FP8 matrix, each
+    block contiguous, decoded in one table look-up for all the whole blocks (and one for a partial last)."""
+    K = q.shape[1]
+    if K <= block_size:
+        return [fp8_to_float(q)]
+    whole = K // block_size * block_size
+    blocks = list(fp8_to_float(q[:, :whole].unflatten(1, (-1, block_size)).transpose(0, 1)).unbind(0))
+    if whole < K:
+        blocks.append(fp8_to_float(q[:, whole:]))
+    return blocks
 
 
 def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, *,
@@ -152,21 +220,25 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
 
     Args:
         a: (..., K) float8_e4m3fn with 1×128 tile scales ``a_s`` (..., ceil(K/128)).
-        b: (N, K) float8_e4m3fn with 128×128 block scales ``b_s`` (ceil(N/128), ceil(K/128)),
+        b: (N, K) float8_e4m3fn (any strides) with 128×128 block scales ``b_s`` (ceil(N/128), ceil(K/128)),
            or 1×128 tile scales (N, ceil(K/128)) (used by Wgrad, where both operands are activations).
     Returns:
-        (..., N) in ``out_dtype``. Each K block's partial product is exact FP32 (FP8×FP8 fits) and is
-        multiplied by its two scales before joining the FP32 accumulator — what the GPU does after
+        (..., N) in ``out_dtype``. Each K block's partial product is an FP32 GEMM of the decoded FP8 values
+        and is multiplied by its two scales before joining the FP32 accumulator — what the GPU does after
         each N_C = 128 promotion (V3 §3.3.2, Fig. 7b).
     """
-    _check_gemm_args(a, a_s, b, b_s, block_size)
+    check_gemm_args(a, a_s, b, b_s, block_size)
     lead, K = a.shape[:-1], a.shape[-1]
-    M = math.prod(lead)
-    a2, as2 = a.reshape(M, K), a_s.reshape(M, a_s.shape[-1]).float()
-    N = b.shape[0]
-    bs_rows = expand_b_scales(b_s, N, block_size).float()  # (N, nk)
-    acc = torch.zeros(a2.shape[0], N, dtype=torch.float32, device=a.device)
-    for i, k0 in enumerate(range(0, K, block_size)):
-        part = a2[:, k0:k0 + block_size].float() @ b[:, k0:k0 + block_size].float().T  # (M, N)
-        acc += part * as2[:, i:i + 1] * bs_rows[:, i]
-    return acc.to(out_dtype).reshape(*lead, N)
+    M, N = math.prod(lead), b.shape[0]
+    if a.dim() != 2:
+        a, a_s = a.reshape(M, K), a_s.reshape(M, a_s.shape[-1])
+    a_s = _f32(a_s)  # (M, nk)
+    b_s = _f32(b_s if b_s.shape[0] in (1, N) else expand_b_scales(b_s, N, block_size))  # (N or 1, nk): a row
+    one = a_s.shape[1] == 1  # one K block: no per-block scale columns to cut out
+    acc = None  # the FP32 accumulator
+    for i, (a_blk, b_blk) in enumerate(zip(_k_blocks(a, block_size), _k_blocks(b, block_size))):
+        sa, sb = (a_s, b_s.t()) if one else (a_s[:, i:i + 1], b_s[:, i])  # (M, 1) and a row over N
+        part = torch.mm(a_blk, b_blk.t()).mul_(sa).mul_(sb)  # (M, N): this block's product · its two scales
+        acc = part.add_(0.0) if acc is None else acc.add_(part)  # 0.0 + part: as if acc had started at zero
+    acc = acc if out_dtype == torch.float32 else acc.to(out_dtype)
+    return acc if len(lead) == 1 else acc.reshape(*lead, N)

@@ -25,9 +25,10 @@ accumulation run in fp32.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from ..dispatch import interpreting, use_triton
 
 __all__ = ["mla_decode_ref", "mla_decode_triton", "mla_decode", "CONFIGS"]
 
@@ -170,10 +171,6 @@ if triton is not None:
         tl.store(OUT + b * s_outb + h * s_outh + offs_c, out.to(OUT.dtype.element_ty), mask=mask_c)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _default_splits(B: int, n_head_blocks: int, S: int, block_n: int, device: torch.device) -> int:
     """Enough slices that B × head blocks × slices fills the GPU about twice, each ≥ 4 context blocks."""
     if device.type == "cuda":
@@ -215,7 +212,7 @@ def mla_decode_triton(q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: 
     split_len = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n  # whole blocks per slice
     n_splits = triton.cdiv(S, split_len)
     lengths = lengths.to(device=q_latent.device, dtype=torch.int32)
-    dot_fp32 = _interpreting() or q_latent.dtype == torch.float32  # the interpreter's bf16 dot is wrong
+    dot_fp32 = interpreting() or q_latent.dtype == torch.float32  # the interpreter's bf16 dot is wrong
 
     o_part = torch.empty(B, H, n_splits, C, dtype=torch.float32, device=q_latent.device)
     lse_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q_latent.device)
@@ -241,10 +238,10 @@ def mla_decode_triton(q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor,
                pe_cache: torch.Tensor, lengths: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Dispatch: the Triton kernel for CUDA tensors, :func:`mla_decode_ref` elsewhere (CPU, no Triton, or
-    when autograd needs a graph: the kernel has no backward)."""
+    """Dispatch: the Triton kernel where :func:`dsv3lib.dispatch.use_triton` says so (CUDA tensors by default),
+    :func:`mla_decode_ref` elsewhere and whenever autograd needs a graph (the kernel has no backward)."""
     tensors = (q_latent, q_pe, latent_cache, pe_cache)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if q_latent.is_cuda and triton is not None and not _interpreting() and not needs_grad:
+    if not needs_grad and use_triton(q_latent, what="mla_decode_triton"):
         return mla_decode_triton(q_latent, q_pe, latent_cache, pe_cache, lengths, softmax_scale)
     return mla_decode_ref(q_latent, q_pe, latent_cache, pe_cache, lengths, softmax_scale)

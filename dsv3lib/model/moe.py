@@ -1,13 +1,23 @@
 """DeepSeekMoE: shared + fine-grained routed experts with a sigmoid, group-limited gate (chapters 0 and 3).
 
 V3 §2.1.2 eq. 12–16. Affinities s = sigmoid(u·e_i). The per-expert correction bias b (auxiliary-loss-free
-balancing) is added only to choose experts: groups are ranked by the sum of their top
-``n_activated_experts // n_limited_groups`` biased scores, the best ``n_limited_groups`` groups are kept,
-and the top ``n_activated_experts`` experts are chosen inside them. The weights use the raw s of the
-chosen experts, normalised to sum to 1 and multiplied by ``route_scale``. No token is dropped.
+balancing) is added only to choose experts: groups are ranked by the sum of their top-2 biased scores
+(``group_score="top2"``, as DeepSeek's released code and Hugging Face's ``deepseek_v3`` do; the paper's
+wording, top ``n_activated_experts // n_limited_groups``, is ``"paper"``: the same for V3's 8 // 4), the best
+``n_limited_groups`` groups are kept, and the top ``n_activated_experts`` experts are chosen inside them.
+The weights use the raw s of the chosen experts, normalised to sum to 1 (``norm_topk_prob``) and multiplied
+by ``route_scale``. No token is dropped.
+
+The gate returns its decision as a :class:`Routing` (weights, indices, scores, token_shape); whoever needs
+more than the weights and indices (load statistics, the auxiliary balancing losses of chapter 3) reads the
+Routing through a forward hook on the gate (``gate.register_forward_hook(lambda gate, args, routing: ...)``),
+as :mod:`dsv3lib.balancing` does: the gate keeps nothing about past forwards. :func:`sort_by_expert` and
+:func:`combine` are the dispatch and combine steps shared by both expert paths and expert parallelism.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +27,7 @@ from ..config import ModelConfig
 from ..wgrad import accumulate, current_sink
 from .dtypes import keep_dtype
 
-__all__ = ["MLP", "Gate", "MoE"]
+__all__ = ["MLP", "Routing", "Gate", "MoE", "sort_by_expert", "combine"]
 
 
 class MLP(nn.Module):
@@ -33,17 +43,20 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Routing(NamedTuple):
+    """What a :class:`Gate` decided for N tokens: its forward's return value, also what its forward hooks see."""
+
+    weights: torch.Tensor  # (N, topk) gate values g, in the input's dtype
+    indices: torch.Tensor  # (N, topk) chosen experts, long
+    scores: torch.Tensor  # (N, n_routed_experts) affinities s, float32, differentiable (the aux losses)
+    token_shape: tuple[int, ...]  # how the N tokens were laid out, e.g. (B, T): the input's shape[:-1]
+
+
 class Gate(nn.Module):
     """Router: picks ``n_activated_experts`` experts per token and their weights.
 
     ``bias`` is a buffer, not a parameter: no gradient reaches it; a balancing rule updates it between
-    steps (chapter 3). ``last_counts`` holds the number of tokens each expert received in the latest
-    forward pass, for such rules and for load statistics.
-
-    With ``record = True`` the gate also keeps, for the latest forward, the differentiable affinities
-    ``last_scores`` (N, n_routed_experts), the chosen ``last_indices`` (N, topk) and ``last_shape``, the
-    token shape (B, T) of the caller: what the auxiliary balancing losses of chapter 3 need. Off by
-    default, so a forward pass does not keep its scores' graph alive past the step.
+    steps from the loads it reads in the returned :class:`Routing` (chapter 3, :mod:`dsv3lib.balancing`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -55,11 +68,6 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
-        self.record = False
-        self.last_scores: torch.Tensor | None = None  # (N, n_routed_experts) float32, with grad
-        self.last_indices: torch.Tensor | None = None  # (N, topk)
-        self.last_shape: tuple[int, ...] | None = None  # token shape, e.g. (B, T)
 
     def _apply(self, fn, recurse=True):
         # Casting the model (.to(torch.bfloat16)) must not round the bias: balancing moves it in steps of
@@ -72,33 +80,28 @@ class Gate(nn.Module):
         return logits.sigmoid() if self.cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Indices (N, topk) of the chosen experts, from biased scores under the group limit."""
+        """Indices (N, topk) of the chosen experts, from biased scores under the group limit: a group's
+        score is the sum of its ``cfg.group_score_k`` best biased scores (2 by default, module docstring)."""
         biased = scores + self.bias  # b changes which experts win, never their weights (eq. 16)
         if self.n_groups > 1:
-            grouped = biased.view(-1, self.n_groups, self.cfg.experts_per_group)
-            per_group = max(1, self.topk // self.topk_groups)  # V3: 8 // 4 = top-2 per group
-            group_scores = grouped.topk(min(per_group, grouped.size(-1)), dim=-1).values.sum(-1)  # (N, n_groups)
+            grouped = biased.view(-1, self.n_groups, self.cfg.experts_per_group)  # (N, n_groups, per group)
+            k = min(self.cfg.group_score_k, grouped.size(-1))
+            group_scores = grouped.topk(k, dim=-1).values.sum(-1)  # (N, n_groups)
             keep = group_scores.topk(self.topk_groups, dim=-1).indices
             allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             biased = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).flatten(1)
         return biased.topk(self.topk, dim=-1).indices
 
-    def forward(self, x: torch.Tensor, token_shape: tuple[int, ...] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: x (N, dim); token_shape: how the N tokens are laid out, e.g. (B, T) (default (1, N): one
-        sequence), recorded for the sequence-wise balancing loss. Returns: weights (N, topk) in x's dtype,
-        indices (N, topk) long."""
-        scores = self.scores(x)
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Args: x (..., dim), e.g. (B, T, dim) or (N, dim). Returns the :class:`Routing` of its
+        N = x.numel() // dim tokens, flattened in order; ``token_shape`` is x.shape[:-1]."""
+        scores = self.scores(x.reshape(-1, x.size(-1)))  # (N, n_routed_experts)
         indices = self.select(scores)
         weights = scores.gather(1, indices)  # raw affinities of the chosen experts (eq. 13)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)  # eq. 14
         weights = weights * self.cfg.route_scale
-        self.last_counts = torch.bincount(indices.flatten(), minlength=self.weight.size(0)).detach()
-        if self.record:
-            self.last_scores, self.last_indices = scores, indices
-            self.last_shape = tuple(token_shape) if token_shape is not None else (1, x.size(0))
-        return weights.to(x.dtype), indices
+        return Routing(weights.to(x.dtype), indices, scores, tuple(x.shape[:-1]))
 
 
 class MoE(nn.Module):
@@ -121,9 +124,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        routing = self.gate(x)
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        weights, indices = self.gate(x, token_shape=shape[:-1])
-        y = (self.routed_grouped if self.grouped_mm else self.routed)(x, weights, indices)
+        y = (self.routed_grouped if self.grouped_mm else self.routed)(x, routing.weights, routing.indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
@@ -131,15 +134,10 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sorted dispatch: the (token, expert) pairs are sorted by expert so each expert runs once on a
         contiguous slice; the weighted outputs are added back to their tokens."""
-        flat = indices.flatten()  # (N·topk,)
-        order = flat.argsort(stable=True)
-        token_of = order // indices.size(1)  # which token each sorted pair belongs to
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        xs = x[token_of]  # (N·topk, dim), grouped by expert
-        chunks = xs.split(counts)
+        order, token_of, counts = sort_by_expert(indices, len(self.experts))
+        chunks = x[token_of].split(counts.tolist())  # (N·topk, dim), grouped by expert
         out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if len(chunk)])
-        out = out * weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return combine(out, weights, order, token_of)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`routed`, with every expert's w1, w3 and w2 applied as three grouped GEMMs
@@ -147,16 +145,31 @@ class MoE(nn.Module):
         are stacked on each call, so gradients still reach each expert's own Linear (under a zero-bubble
         capture they wait for ``W``, as linear layers' do). CUDA needs bf16 and sm90+; the CPU kernel takes
         float32 too."""
-        flat = indices.flatten()  # (N·topk,)
-        order = flat.argsort(stable=True)
-        token_of = order // indices.size(1)
-        offs = torch.bincount(flat, minlength=len(self.experts)).cumsum(0).to(torch.int32)  # group ends
+        order, token_of, counts = sort_by_expert(indices, len(self.experts))
+        offs = counts.cumsum(0).to(torch.int32)  # group ends
         xs = x[token_of]  # (N·topk, dim), grouped by expert
         w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
         h = F.silu(_grouped_linear(xs, w1, offs)) * _grouped_linear(xs, w3, offs)  # (N·topk, inter)
         out = _grouped_linear(h, w2, offs)  # (N·topk, dim)
-        out = out * weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return combine(out, weights, order, token_of)
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch order of the N·topk (token, expert) pairs of ``indices`` (N, topk): sorted by expert, stably
+    (within an expert, in token order). Returns ``order`` (N·topk,), the flat pair index of each sorted
+    slot; ``token_of`` (N·topk,), its token (rows ``x[token_of]`` come grouped by expert); ``counts``
+    (n_experts,) long, the size of each expert's group."""
+    flat = indices.flatten()  # (N·topk,)
+    order = flat.argsort(stable=True)
+    token_of = order // indices.size(1)
+    return order, token_of, torch.bincount(flat, minlength=n_experts)
+
+
+def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`sort_by_expert`: expert outputs ``out`` (N·topk, dim), in sorted order, times
+    their gate weights (``weights`` (N, topk)), added up per token. Returns (N, dim)."""
+    out = out * weights.flatten()[order].unsqueeze(-1)
+    return out.new_zeros(weights.size(0), out.size(-1)).index_add_(0, token_of, out)
 
 
 def _grouped_linear(x: torch.Tensor, weights: list, offs: torch.Tensor) -> torch.Tensor:

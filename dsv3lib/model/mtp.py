@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .block import Block
+from .mla import KVCache, LatentCache
 from .norm import RMSNorm
 
 __all__ = ["MTPModule"]
@@ -22,16 +24,14 @@ __all__ = ["MTPModule"]
 class MTPModule(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
-        from .transformer import Block  # a block like the main ones (MLA + MoE)
-
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
-        self.block = Block(layer_id, cfg)
+        self.block = Block(layer_id, cfg)  # a block like the main ones (MLA + MoE)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # the checkpoint's shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, freqs_cis: torch.Tensor,
-                start_pos: int = 0, cache=None) -> torch.Tensor:
+                start_pos: int = 0, cache: KVCache | LatentCache | None = None) -> torch.Tensor:
         """Args:
             h_prev: (B, T', dim) representation h^{k-1} at positions 0..T'-1.
             emb_next: (B, T', dim) embeddings of tokens k..k+T'-1.

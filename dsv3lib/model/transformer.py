@@ -14,31 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .block import Block
 from .dtypes import keep_dtype
-from .mla import MLA, KVCache, LatentCache, new_layer_cache
-from .moe import MLP, MoE
+from .mla import KVCache, LatentCache, new_layer_cache
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
-__all__ = ["Block", "Transformer", "ModelOutput", "mtp_forward", "mtp_loss"]
-
-
-class Block(nn.Module):
-    """Pre-norm block: x + attn(attn_norm(x)), then + ffn(ffn_norm(x)); dense FFN in the first layers."""
-
-    def __init__(self, layer_id: int, cfg: ModelConfig):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
-
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start_pos, freqs_cis, cache)
-        return x + self.ffn(self.ffn_norm(x))
+__all__ = ["Transformer", "ModelOutput", "mtp_forward", "mtp_loss"]  # Block: see .block
 
 
 class ModelOutput(NamedTuple):
@@ -89,7 +72,8 @@ class Transformer(nn.Module):
         n = len(self.mtp) if mtp else len(self.layers)
         return [new_layer_cache(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
 
-    def check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list[KVCache] | None) -> None:
+    def check_tokens(self, tokens: torch.Tensor, start_pos: int,
+                     cache: list[KVCache | LatentCache] | None) -> None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.size(1) == 0:
@@ -108,7 +92,7 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: batch {tokens.size(0)} exceeds the cache's {cache[0].k.size(0)}")
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0,
-               cache: list[KVCache] | None = None) -> torch.Tensor:
+               cache: list[KVCache | LatentCache] | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) of the main model."""
         self.check_tokens(tokens, start_pos, cache)
         freqs_cis = self.freqs_cis[start_pos:start_pos + tokens.size(1)]
@@ -117,7 +101,7 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, freqs_cis, None if cache is None else cache[i])
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache | LatentCache] | None = None,
                 mtp: bool | None = None) -> ModelOutput:
         """Args:
             tokens: (B, T) token ids at positions [start_pos, start_pos + T).

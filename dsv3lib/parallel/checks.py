@@ -109,7 +109,7 @@ def _ep_case(rank: int, world_size: int, overrides: dict, tokens: int, to_rank0:
 
 
 def _model_case(rank: int, world_size: int, seed: int) -> dict[str, float]:
-    from ..balancing import BiasBalancer
+    from ..balancing import BiasBalancer, LoadMeter
 
     cfg = ModelConfig.preset("tiny", n_layers=2, max_seq_len=64)
     torch.manual_seed(seed)
@@ -124,19 +124,19 @@ def _model_case(rank: int, world_size: int, seed: int) -> dict[str, float]:
         return out.logits, (out.logits * w).sum() + sum((t * w).sum() for t in out.mtp_logits)
 
     sharded = shard_experts(copy.deepcopy(model))
-    ref_gates = [m for m in model.modules() if isinstance(m, Gate)]
-    ref_logits, ref_loss, ref_counts = [], 0.0, [torch.zeros_like(g.last_counts) for g in ref_gates]
-    for b in batches:
-        logits, loss = loss_of(model, b)
-        ref_logits.append(logits)
-        ref_loss = ref_loss + loss
-        for c, g in zip(ref_counts, ref_gates):
-            c += g.last_counts
+    ref_logits, ref_loss = [], 0.0
+    with LoadMeter(model) as ref_meter:  # one process, every rank's batch: the loads add up
+        for b in batches:
+            logits, loss = loss_of(model, b)
+            ref_logits.append(logits)
+            ref_loss = ref_loss + loss
+    ref_counts = ref_meter.counts()
     ref_loss.backward()
-    logits, loss = loss_of(sharded, batches[rank])
+    with LoadMeter(sharded) as meter:
+        logits, loss = loss_of(sharded, batches[rank])
     loss.backward()
     # the loss-free bias update from the loads of all ranks: identical on every rank, as one process
-    BiasBalancer(sharded, 0.01, reduce_loads=True).update()
+    BiasBalancer(sharded, 0.01, reduce_loads=True).update(meter.counts())
     gates = [m for m in sharded.modules() if isinstance(m, Gate)]
     bias_ok = all(torch.equal(g.bias, 0.01 * torch.sign(c.float().mean() - c.float()))
                   for g, c in zip(gates, ref_counts))

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import MoE
+from ..model.moe import combine, sort_by_expert
 
 __all__ = [
     "all_to_all", "ExpertParallelMoE", "shard_experts", "global_names",
@@ -107,19 +108,17 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        routing = self.gate(x)
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        weights, indices = self.gate(x, token_shape=shape[:-1])
-        y = self.routed(x, weights, indices)
+        y = self.routed(x, routing.weights, routing.indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         ep, n_local = self.ep_size, self.n_local
-        flat = indices.flatten()  # (N·topk,)
-        order = flat.argsort(stable=True)  # by expert, hence by owning rank
-        token_of = order // indices.size(1)
-        send = torch.bincount(flat, minlength=self.n_experts).view(ep, n_local)  # (dest rank, local expert)
+        order, token_of, counts = sort_by_expert(indices, self.n_experts)  # by expert, hence by owning rank
+        send = counts.view(ep, n_local)  # (dest rank, local expert)
         recv = torch.empty_like(send)  # (source rank, local expert)
         t0 = time.perf_counter()
         dist.all_to_all_single(recv, send, group=self.group)  # 1. exchange the counts
@@ -144,8 +143,7 @@ class ExpertParallelMoE(nn.Module):
             out = out[perm.argsort()]  # back to (source, expert) order
 
         out = all_to_all(out, send_splits, recv_splits, self.group, name="combine", **kw)  # 3. (N·topk, dim)
-        out = out * weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return combine(out, weights, order, token_of)
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *,

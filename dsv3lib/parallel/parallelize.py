@@ -82,6 +82,7 @@ class ParallelRunner:
     def __init__(self, model: nn.Module, layout: ParallelLayout, pipeline: PipelineRunner):
         self.model, self.layout, self.pipeline, self.stages = model, layout, pipeline, pipeline.stages
         self.steps = 0
+        self.last_parts: torch.Tensor | None = None
         self.names = {}  # parameter -> its name in the unsharded model; each parameter once
         for st in self.stages.values():
             for name, q in global_names(st).items():
@@ -138,47 +139,58 @@ class ParallelRunner:
         for q in self.names:
             q.grad = None
         losses = self.pipeline.step(inputs[part], labels[part], grad_scale=1.0 / (lay.n_replicas * n))
-        for q in self.names:
-            if q.grad is None:  # e.g. an expert no token reached: it still takes part in the sums
-                q.grad = torch.zeros_like(q)
-        self._sum_tied()
-        self._all_reduce(self.replicated_params, lay.replica_group, lay.n_replicas)
-        self._all_reduce(self.expert_params, lay.dp_group, lay.dp)
+        grads = {q: torch.zeros_like(q) if q.grad is None else q.grad for q in self.names}  # idle experts too
+        grads = self._sum_over_ranks(grads, self.replicated_params, lay.replica_group, lay.n_replicas)
+        grads = self._sum_over_ranks(grads, self.expert_params, lay.dp_group, lay.dp)
+        for q, g in grads.items():
+            q.grad = g
         for q, g in stash.items():
             if g is not None:
                 q.grad = g + q.grad
-        everyone = torch.zeros(lay.n_replicas * n, dtype=losses.dtype, device=losses.device)
-        everyone[lay.replica * n:(lay.replica + 1) * n] = losses
+        everyone = torch.zeros(lay.n_replicas * n, 3, dtype=losses.dtype, device=losses.device)
+        everyone[lay.replica * n:(lay.replica + 1) * n] = torch.cat([losses[:, None], self.pipeline.last_parts], 1)
         if lay.n_replicas > 1:
             dist.all_reduce(everyone, group=lay.replica_group)  # each entry: one replica's value plus zeros
         self.steps += 1
-        return mean_loss(everyone)
+        self.last_parts = everyone[:, 1:].mean(0)  # (main cross-entropy, mean MTP cross-entropy) of the step
+        return mean_loss(everyone[:, 0].contiguous())
 
-    def _sum_tied(self) -> None:
-        """Parameters held on two pipeline ranks: exchange gradients with the partner and add (a + b == b + a
-        in floating point, so both copies end bit-identical)."""
-        for peer, params in sorted(self.tied.items()):
-            mine = torch.cat([q.grad.flatten() for q in params])
-            theirs = torch.empty_like(mine)
-            dst = dist.get_global_rank(self.layout.pp_group, peer)
-            ops = [dist.P2POp(dist.isend, mine, dst, self.layout.pp_group),
-                   dist.P2POp(dist.irecv, theirs, dst, self.layout.pp_group)]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-            self._unflatten(params, mine + theirs)
+    def sum_over_holders(self, values: dict) -> dict:
+        """Sum per-rank values that belong to replicated parameters (keyed by the parameter: e.g. a gate's expert
+        loads under the gate's weight) over every rank holding the parameter: its pipeline partner and all
+        replicas. Every holder gets the same sums (the bias-balancing loads of a step, chapter 6)."""
+        return self._sum_over_ranks(values, [q for q in self.replicated_params if q in values],
+                                    self.layout.replica_group, self.layout.n_replicas)
 
-    @staticmethod
-    def _all_reduce(params: list, group, size: int) -> None:
-        """Sum the gradients of ``params`` over ``group`` in one flat bucket."""
-        if size == 1 or not params:
-            return
-        flat = torch.cat([q.grad.flatten() for q in params])
-        dist.all_reduce(flat, group=group)
-        ParallelRunner._unflatten(params, flat)
+    def _sum_over_ranks(self, values: dict, params: list, group, size: int) -> dict:
+        """``values[q]`` summed over the pipeline partner holding ``q`` too (DualPipe's copies; the embedding
+        under 1F1B with MTP) and then over ``group`` (``size`` ranks), for each ``q`` in ``params``, in one flat
+        bucket per exchange; the partner sum is a + b == b + a in floating point, so both copies end
+        bit-identical."""
+        out, keep = dict(values), set(params)  # sets and dicts: tensors compare by identity there
+        for peer, tied in sorted(self.tied.items()):
+            tied = [q for q in tied if q in keep]
+            if tied:
+                mine = torch.cat([out[q].flatten() for q in tied])
+                theirs = torch.empty_like(mine)
+                dst = dist.get_global_rank(self.layout.pp_group, peer)
+                ops = [dist.P2POp(dist.isend, mine, dst, self.layout.pp_group),
+                       dist.P2POp(dist.irecv, theirs, dst, self.layout.pp_group)]
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+                out.update(_split(mine + theirs, tied, out))
+        if size > 1 and params:
+            flat = torch.cat([out[q].flatten() for q in params])
+            dist.all_reduce(flat, group=group)
+            out.update(_split(flat, params, out))
+        return out
 
-    @staticmethod
-    def _unflatten(params: list, flat: torch.Tensor) -> None:
-        i = 0
-        for q in params:
-            q.grad = flat[i:i + q.numel()].view_as(q).clone()
-            i += q.numel()
+
+def _split(flat: torch.Tensor, keys: list, like: dict) -> dict:
+    """A flat bucket back into one tensor per key, shaped like ``like[key]``."""
+    out, i = {}, 0
+    for q in keys:
+        n = like[q].numel()
+        out[q] = flat[i:i + n].view_as(like[q]).clone()
+        i += n
+    return out

@@ -59,6 +59,7 @@ class _Step:
     capture: bool  # the schedule has W ops: forwards run under the store's capture
     t_start: float
     losses: dict = field(default_factory=dict)  # global micro-batch -> loss
+    parts: dict = field(default_factory=dict)  # global micro-batch -> (main cross-entropy, mean MTP one)
     saved: dict = field(default_factory=dict)  # chunk -> (input, output) kept for the backward
     hold: list | None = None  # inside an overlapped pair: sends issued after both halves
     events: list = field(default_factory=list)
@@ -93,6 +94,7 @@ class PipelineRunner:
             raise ValueError(f"stages: {schedule.name} places {sorted(held)} on rank {rank}, got {sorted(stages)}")
         self.schedule, self.stages, self.rank, self.group, self.overlap = schedule, stages, rank, group, overlap
         self._step: _Step | None = None
+        self.last_parts: torch.Tensor | None = None  # (n_micro, 2): main and mean MTP cross-entropy of the last step
 
     # the last step's measurements
     events = property(lambda self: self._step.events if self._step else [])
@@ -138,8 +140,9 @@ class PipelineRunner:
             out = st(x)
             if st.last:
                 g = self._global(p.mb, p.direction)
-                out = st.loss(out, *step.data[g])
+                out, main, depths = st.loss_parts(out, *step.data[g])
                 step.losses[g] = out.detach()
+                step.parts[g] = torch.stack([main, torch.stack(depths).mean() if depths else torch.zeros_like(main)])
         if not st.last:
             self._send(out.detach(), p)
         step.saved[p.chunk] = (x, out)
@@ -236,11 +239,12 @@ class PipelineRunner:
         step.mailbox.finish()
         if step.saved or len(step.store):
             raise RuntimeError(f"rank {self.rank}: {s.name} left chunks without their backward or W")
-        losses = torch.zeros(s.n_micro, dtype=torch.float32, device=w.device)
+        losses = torch.zeros(s.n_micro, 3, dtype=torch.float32, device=w.device)
         for g, v in step.losses.items():
-            losses[g] = v
+            losses[g, 0], losses[g, 1:] = v, step.parts[g].detach()
         dist.all_reduce(losses, group=self.group)  # each entry: one rank's value plus zeros -> exact
-        return losses
+        self.last_parts = losses[:, 1:]
+        return losses[:, 0].contiguous()
 
     def gather_events(self, waits: bool = False) -> list:
         """Every rank's ``events`` (or ``waits``) of the last step, ``timeline[rank]``, on every rank."""

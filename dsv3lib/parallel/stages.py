@@ -68,10 +68,14 @@ class Stage(nn.Module):
     def loss(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Last stage: the micro-batch loss from the last block's output h (b, T, dim), computed as
         :func:`micro_loss` computes it on the whole model (``tokens`` feed the MTP modules)."""
+        return self.loss_parts(h, tokens, labels)[0]
+
+    def loss_parts(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(loss, main cross-entropy, [cross-entropy of each MTP depth]): :func:`~dsv3lib.model.mtp_loss`."""
         h = self.norm(h)
         mtp_logits = [] if self.mtp is None else mtp_forward(self.mtp, self.embed, self.head, h, tokens,
                                                              self.freqs_cis)
-        return mtp_loss(ModelOutput(self.head(h), mtp_logits), labels, self.mtp_lambda)[0]
+        return mtp_loss(ModelOutput(self.head(h), mtp_logits), labels, self.mtp_lambda)
 
 
 def build_stages(model: nn.Module, n_stages: int, mtp_lambda: float = 0.3) -> list[Stage]:
