@@ -15,31 +15,18 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.launch import init_distributed
-from ..parallel.schedules import SCHEDULES
-
-SCHEDULE_NAMES = {name.lower(): name for name in SCHEDULES}  # dualpipe -> DualPipe
+from ..parallel.layout import add_run_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsv3lib.lab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
     t = sub.add_parser("train", help="train across processes (start under torchrun)")
-    t.add_argument("--pp", type=int, default=2, help="pipeline ranks")
-    t.add_argument("--ep", type=int, default=2, help="expert-parallel ranks per pipeline position")
-    t.add_argument("--dp", type=int, default=1, help="data-parallel copies of the EP group")
-    t.add_argument("--schedule", choices=sorted(SCHEDULE_NAMES), default="dualpipe")
-    t.add_argument("--n-micro", type=int, default=0, help="micro-batches per replica (default 2·pp)")
-    t.add_argument("--micro-rows", type=int, default=2, help="sequences per micro-batch")
-    t.add_argument("--seq-len", type=int, default=64)
-    t.add_argument("--steps", type=int, default=40)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--fp8", action="store_true", help="block-scaled FP8 linears")
-    t.add_argument("--overlap", action="store_true", help="run each F&B pair's halves in two threads")
+    add_run_arguments(t, ep=2, steps=40)
     t.add_argument("--val-every", type=int, default=20)
     t.add_argument("--ckpt-every", type=int, default=0, help="0: only at the end")
     t.add_argument("--out", default=None, help="run directory: shards/ (resumable) and hf/ (merged)")
     t.add_argument("--resume", action="store_true", help="continue from --out's shards")
-    t.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
     t.add_argument("--log-every", type=int, default=0, help="print a line every N steps instead of a progress bar")
     s = sub.add_parser("serve", help="continue a prompt (greedy; MTP drafts)")
     s.add_argument("--ckpt", required=True, help="a lab run directory or a Hugging Face directory")
@@ -57,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
         init_distributed(args.timeout)
         try:
-            cfg = LabConfig(pp=args.pp, ep=args.ep, dp=args.dp, schedule=SCHEDULE_NAMES[args.schedule],
+            cfg = LabConfig(pp=args.pp, ep=args.ep, dp=args.dp, schedule=args.schedule,
                             n_micro=args.n_micro, micro_rows=args.micro_rows, seq_len=args.seq_len,
                             steps=args.steps, lr=args.lr, fp8=args.fp8, overlap=args.overlap,
                             val_every=args.val_every, ckpt_every=args.ckpt_every, out=args.out, resume=args.resume,

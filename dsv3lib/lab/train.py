@@ -110,12 +110,12 @@ def _balance(runner: ParallelRunner, meter: LoadMeter, balancer: BiasBalancer, h
     """Loss-free bias update from the step's loads (every micro-batch) summed over every rank holding each gate;
     returns the mean MaxVio over the gates."""
     keys = [g.weight for g in meter.gates]  # a gate's weight names its holders
-    total = runner.sum_over_holders(dict(zip(keys, meter.counts().float())))
+    total = runner.sum_over_holders(dict(zip(keys, meter.counts().float().to(device()))))
     loads = torch.stack([total[k] for k in keys])  # (n_gates, E)
     if balancer is not None:
         balancer.update(loads)
     for key, row in zip(keys, loads):
-        hist.loads.setdefault(runner.names[key].removesuffix(".gate.weight"), []).append(row.tolist())
+        hist.loads.setdefault(runner.names[key].removesuffix(".gate.weight"), []).append(row.cpu().tolist())
     _check_identical(runner, {g.weight: g.bias for g in meter.gates})
     return statistics.mean(max_violation(row) for row in loads)
 
@@ -142,12 +142,12 @@ def _clip(runner: ParallelRunner, max_norm: float) -> float:
     lay = runner.layout
     experts = set(runner.expert_params)
     partners = {q: peer for peer, qs in runner.tied.items() for q in qs}
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=device())
     for q in runner.parameters():
         first_replica = lay.replica == 0 or (q in experts and lay.dp_rank == 0)
         first_copy = lay.pp_rank < partners.get(q, lay.pp + 1)
         if first_replica and first_copy:
-            sq += q.grad.double().pow(2).sum().cpu()
+            sq += q.grad.double().pow(2).sum()
     dist.all_reduce(sq)
     norm = sq.sqrt().item()
     if max_norm > 0 and norm > max_norm:

@@ -20,26 +20,15 @@ from ..config import ModelConfig
 from ..data import batches, load_corpus
 from ..model import Transformer
 from .launch import device, init_distributed
-from .layout import ParallelLayout
+from .layout import ParallelLayout, add_run_arguments
 from .parallelize import parallelize
-from .schedules import SCHEDULES, make_schedule
+from .schedules import make_schedule
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m dsv3lib.parallel",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--pp", type=int, default=2, help="pipeline ranks")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per pipeline position")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel copies of the EP group")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="DualPipe")
-    p.add_argument("--n-micro", type=int, default=None, help="micro-batches per replica (default 2·pp)")
-    p.add_argument("--micro-rows", type=int, default=2, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--fp8", action="store_true", help="FP8 linears (block-scaled, reference GEMMs on CPU)")
-    p.add_argument("--overlap", action="store_true", help="run each F&B pair's halves in two threads")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
     rank, world = init_distributed(args.timeout)

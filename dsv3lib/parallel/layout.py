@@ -24,6 +24,7 @@ Rank order puts ``ep`` innermost (consecutive ranks: the fastest links, as V3's 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from .schedules import SCHEDULES, make_schedule, placement
 
-__all__ = ["ParallelLayout", "check_layout"]
+__all__ = ["ParallelLayout", "add_run_arguments", "check_layout", "schedule_arg"]
 
 
 def _fail(rule: str) -> None:
@@ -101,3 +102,27 @@ class ParallelLayout:
     def __repr__(self) -> str:
         return (f"ParallelLayout(pp={self.pp}, dp={self.dp}, ep={self.ep}; rank {dist.get_rank()}: "
                 f"pp_rank={self.pp_rank}, dp_rank={self.dp_rank}, ep_rank={self.ep_rank}, replica={self.replica})")
+
+
+def schedule_arg(text: str) -> str:
+    """A schedule name from the command line, case-insensitive (``dualpipe`` -> ``DualPipe``)."""
+    names = {name.lower(): name for name in SCHEDULES}
+    if text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; choose from {sorted(names)}")
+    return names[text.lower()]
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, ep: int = 1, steps: int = 5) -> None:
+    """The flags of a parallel training run, shared by ``python -m dsv3lib.parallel`` and the lab's ``train``."""
+    p.add_argument("--pp", type=int, default=2, help="pipeline ranks")
+    p.add_argument("--ep", type=int, default=ep, help="expert-parallel ranks per pipeline position")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel copies of the EP group")
+    p.add_argument("--schedule", type=schedule_arg, default="DualPipe", help="1f1b, zb1p, dualpipe or dualpipev")
+    p.add_argument("--n-micro", type=int, default=0, help="micro-batches per replica (default 2·pp)")
+    p.add_argument("--micro-rows", type=int, default=2, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--fp8", action="store_true", help="block-scaled FP8 linears (reference GEMMs on CPU)")
+    p.add_argument("--overlap", action="store_true", help="run each F&B pair's halves in two threads")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
