@@ -21,13 +21,14 @@ __all__ = [
     "H800_BF16_PEAK_FLOPS", "H800_FP8_PEAK_FLOPS", "RTX_4090_BYTES", "V3_GPU_HOURS",
     "param_counts", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_gqa", "weight_bytes",
     "memory_summary", "flops_per_token", "gpu_hours_per_trillion_tokens", "implied_mfu", "training_cost",
-    "training_memory_per_gpu",
+    "training_memory_per_gpu", "H800_HBM_BYTES_PER_S", "mla_decode_flops_per_byte",
 ]
 
 # Hardware specifications (vendor data sheets; dense, i.e. without 2:4 sparsity). The H800 SXM is an H100
 # SXM with cut-down NVLink (400 GB/s, ISCA §4.1); its Tensor Core peaks are the H100 SXM's.
 H800_BF16_PEAK_FLOPS = 989.4e12  # BF16 dense Tensor Core peak, FLOP/s
 H800_FP8_PEAK_FLOPS = 1978.9e12  # FP8 dense Tensor Core peak, FLOP/s ("theoretically 2×" BF16, V3 §3.3)
+H800_HBM_BYTES_PER_S = 3.35e12  # HBM3 bandwidth, B/s (NVIDIA H100 SXM data sheet; the H800 SXM shares it)
 RTX_4090_BYTES = 24 * 2**30  # one GeForce RTX 4090: "24 GB" of GDDR6X, which is 24 GiB (25.8e9 bytes)
 
 # V3 Table 1: H800 GPU-hours of the final run (excludes earlier research and ablations, V3 §1).
@@ -170,6 +171,35 @@ def kv_cache_bytes_per_token_gqa(n_layers: int, n_kv_heads: int, head_dim: int,
     """K and V caches of grouped-query attention, for comparing published models (ISCA Table 1, BF16):
     LLaMA-3.1 405B (126 layers, 8 KV heads of 128) 516,096 B; Qwen-2.5 72B (80, 8, 128) 327,680 B."""
     return 2 * n_layers * n_kv_heads * head_dim * bytes_per_element
+
+
+def mla_decode_flops_per_byte(cfg: ModelConfig, form: str = "absorbed", queries: int = 1,
+                              bytes_per_element: float = 2) -> float:
+    """Arithmetic intensity of one decode step's attention over the cache: FLOPs per byte of cache read.
+
+    Per layer and cached token (so independent of context length and layer count), for ``queries`` query
+    tokens of one sequence that read the same cache in one step (2 when MTP's draft token is verified):
+
+    - ``"absorbed"``: the cache holds (kv_lora_rank + qk_rope_head_dim) numbers; each head scores its
+      latent and rope queries against them and mixes kv_lora_rank of them as the value:
+      2·n_heads·(2·kv_lora_rank + qk_rope_head_dim) FLOPs per query. V3, BF16, one query:
+      2·128·(512 + 576) / 1,152 B ≈ 241.8 FLOP/B.
+    - ``"naive"``: the cache holds n_heads·(qk_head_dim + v_head_dim) expanded numbers, each used once per
+      query: 2 FLOPs per number, i.e. 2/bytes_per_element FLOP/B per query (V3, BF16: 1.0).
+
+    Projections, softmax and the output map are not counted (they do not read the cache).
+    """
+    if queries < 1:
+        raise ValueError(f"queries: must be >= 1, got {queries}")
+    if form == "absorbed":
+        numbers = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        flops = 2 * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    elif form == "naive":
+        numbers = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+        flops = 2 * numbers
+    else:
+        raise ValueError(f"form: must be 'absorbed' or 'naive', got {form!r}")
+    return queries * flops / (numbers * bytes_per_element)
 
 
 # ------------------------------------------------------------------------------------- weight memory

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsv3lib.accounting import (
     H800_BF16_PEAK_FLOPS,
     H800_FP8_PEAK_FLOPS,
+    H800_HBM_BYTES_PER_S,
     V3_GPU_HOURS,
     flops_per_token,
     gpu_hours_per_trillion_tokens,
@@ -14,6 +15,7 @@ from dsv3lib.accounting import (
     kv_cache_bytes_per_token,
     kv_cache_bytes_per_token_gqa,
     memory_summary,
+    mla_decode_flops_per_byte,
     param_counts,
     training_cost,
     weight_bytes,
@@ -221,3 +223,39 @@ def test_training_memory_per_gpu_counts_real_modules():
     E = cfg.n_routed_experts
     sharded = accounting.training_memory_per_gpu(cfg, gpus=E, pp=1, ep=E, dualpipe=True)
     assert sharded["params"] == pytest.approx(2 * (total - experts + experts / E))
+
+
+def test_mla_decode_flops_per_byte():
+    """V3 decode roofline (chapter 2): 2·128·1088 FLOP per 1,152-byte BF16 latent; the H800 ridge ≈ 295."""
+    assert mla_decode_flops_per_byte(V3) == pytest.approx(2 * 128 * (512 + 576) / 1152)  # ≈ 241.8
+    ridge = H800_BF16_PEAK_FLOPS / H800_HBM_BYTES_PER_S
+    assert ridge == pytest.approx(295.3, abs=0.1)
+    assert mla_decode_flops_per_byte(V3) < ridge < mla_decode_flops_per_byte(V3, queries=2)
+    assert mla_decode_flops_per_byte(V3, bytes_per_element=1) == pytest.approx(2 * mla_decode_flops_per_byte(V3))
+    assert mla_decode_flops_per_byte(V3, "naive") == pytest.approx(1.0)
+    assert mla_decode_flops_per_byte(V3, "naive", queries=2, bytes_per_element=1) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="^form:"):
+        mla_decode_flops_per_byte(V3, "mqa")
+
+
+def test_mla_decode_flops_per_byte_matches_counted_flops():
+    """The absorbed FLOPs per cached token are what the library's decode step does: count a real step at two
+    cache lengths; the difference is the attention over the extra tokens."""
+    from dsv3lib.model import MLA, LatentCache, precompute_freqs_cis
+
+    cfg = ModelConfig.preset("tiny")
+    layer = MLA(cfg).eval()
+    freqs = precompute_freqs_cis(cfg)
+    per_token = {}
+    for T in (1, 2):
+        counted = []
+        for S in (32, 64):
+            cache = LatentCache.empty(cfg, 1, S)
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                layer(torch.randn(1, T, cfg.dim), S - T, freqs[S - T:S], cache)
+            counted.append(fc.get_total_flops())
+        per_token[T] = (counted[1] - counted[0]) / 32
+    bytes_per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32 cache
+    for T in (1, 2):
+        assert per_token[T] / bytes_per_token == pytest.approx(
+            mla_decode_flops_per_byte(cfg, queries=T, bytes_per_element=4))
