@@ -73,6 +73,17 @@ def test_deferred_grads_equal_plain_backward():
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
 
 
+def _same_grads(got, ref, exact):
+    """The deferred gradients are the plain backward's: bit for bit for the names in ``exact``, to 1e-6 for the
+    rest (DeferredLinear sums its dW in another order)."""
+    assert set(got) == set(ref)
+    for n in ref:
+        if n in exact:
+            assert torch.equal(got[n], ref[n]), n
+        else:
+            torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
+
+
 def test_fp8_linears_defer_their_wgrad():
     """FP8Linear runs its own GEMMs (no F.linear): its Wgrad waits for W and gives the same bits."""
     st = _stage(fp8=True)
@@ -81,12 +92,7 @@ def test_fp8_linears_defer_their_wgrad():
     assert fp8 & set(ref) and not fp8 & set(after_b)
     linear = _linear_weights(st)  # the rest: the routers (F.linear) and the head (kept in high precision)
     assert set(after_b) == {n for n, p in st.named_parameters() if n in ref and n not in fp8 and id(p) not in linear}
-    assert set(got) == set(ref)
-    for n in ref:
-        if n in fp8:
-            assert torch.equal(got[n], ref[n]), n
-        else:
-            torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
+    _same_grads(got, ref, exact=fp8)
 
 
 def test_grouped_experts_defer_their_wgrad():
@@ -95,12 +101,7 @@ def test_grouped_experts_defer_their_wgrad():
     experts = {n for n, _ in st.named_parameters() if ".experts." in n}
     ref, after_b, got, _ = _b_then_w(st)
     assert experts <= set(ref) and not experts & set(after_b)  # idle experts get zeros, as in autograd
-    assert set(got) == set(ref)
-    for n in ref:
-        if n in experts:
-            assert torch.equal(got[n], ref[n]), n
-        else:
-            torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
+    _same_grads(got, ref, exact=experts)
 
 
 def test_capture_is_per_thread():
