@@ -4,6 +4,7 @@
 import argparse
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -24,13 +25,18 @@ def ranks_and_sum(rank: int, world: int, scale: float = 1.0) -> dict:
 
 
 def fail_at(rank: int, world: int, fail_rank: int, fail_step: int, how: str = "raise", steps: int = 10) -> None:
-    """``steps`` steps of one all_reduce each; ``fail_rank`` raises ValueError (how="raise") or SIGKILLs itself
-    (how="kill") at the start of ``fail_step``, while the others block in that step's all_reduce."""
+    """``steps`` steps of one all_reduce each; ``fail_rank`` raises ValueError (how="raise"), SIGKILLs itself
+    (how="kill"), sleeps for an hour (how="sleep": stuck, threads still running) or SIGSTOPs itself (how="stop":
+    frozen whole) at the start of ``fail_step``, while the others block in that step's all_reduce."""
     for step in range(steps):
         heartbeat(step)
         if rank == fail_rank and step == fail_step:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            if how == "sleep":
+                time.sleep(3600)
             raise ValueError("boom")
         t = torch.ones(4, device=device())
         dist.all_reduce(t)
@@ -59,6 +65,8 @@ def fail_in_parallel_step(rank: int, world: int, fail_rank: int, fail_step: int,
         if rank == fail_rank and runner.steps == fail_step and calls["n"] > 3:  # a few chunks into the step
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how == "sleep":
+                time.sleep(3600)
             raise ValueError("boom in a MoE forward")
 
     for st in runner.stages.values():
@@ -73,10 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--how", default="raise", choices=["raise", "kill", "sleep", "stop"])
     parser.add_argument("--timeout", type=float, default=60.0)
     a = parser.parse_args()
     rank, world = init_distributed(timeout=a.timeout)
-    fail_at(rank, world, a.fail_rank, a.fail_step)
+    fail_at(rank, world, a.fail_rank, a.fail_step, a.how)
     dist.destroy_process_group()
 
 

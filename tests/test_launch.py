@@ -77,6 +77,48 @@ def test_survivors_that_lose_a_peer_name_it(capfd, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["sleep", "stop"])
+def test_a_stalled_rank_ends_the_job_and_is_named(capfd, how):
+    """A rank that stops answering without exiting (stuck in a sleep, or frozen by SIGSTOP): its peers'
+    all_reduce times out, they name it, and the whole job ends non-zero within a minute."""
+    t0 = time.monotonic()
+    with pytest.raises(JobFailed, match=r"^rank 1 stopped answering during step 2: ranks 0, 2 timed out "
+                                         r"after 10 s waiting for it$") as info:
+        launch(workers.fail_at, 3, (1, 2, how), timeout=10)
+    took = time.monotonic() - t0
+    assert took < 60, took
+    assert all(code != 0 for code in info.value.exitcodes)
+    err = capfd.readouterr().err
+    for rank in (0, 2):
+        assert f"rank {rank}: stopping: rank 1 stopped answering during step 2" in err
+    assert _all_gone(info.value.pids)
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_inside_a_pipelined_step_is_named():
+    """Rank 1 stops inside a MoE forward of a DualPipe step: its peers wait in p2p receives and all-to-alls
+    (the layout's groups carry the job's timeout), and all three name it."""
+    t0 = time.monotonic()
+    with pytest.raises(JobFailed, match=r"^rank 1 stopped answering during step 1: ranks 0, 2, 3 timed out"):
+        launch(workers.fail_in_parallel_step, 4, (1, 1, "sleep"), timeout=10)
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_torchrun_stalled_rank_is_named():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS / "launch_workers.py"), "--fail-rank", "1", "--fail-step", "2", "--how", "sleep",
+           "--timeout", "10"]
+    t0 = time.monotonic()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert time.monotonic() - t0 < 60
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert ("rank 0: stopping: rank 1 stopped answering during step 2: rank 0 timed out after 10 s "
+            "waiting for it") in out, out[-3000:]
+
+
+@pytest.mark.slow
 def test_torchrun_failure_names_the_rank():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(TESTS / "launch_workers.py"), "--fail-rank", "1", "--fail-step", "2"]

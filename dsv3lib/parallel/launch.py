@@ -10,7 +10,14 @@ A distributed job must not hang when one rank dies: its peers sit in a collectiv
 So each rank records its step (:func:`heartbeat`); the first failure is written once, as one line
 ("rank 2 failed during step 3: ValueError: boom"); the parent watches every exit code, SIGTERMs the survivors
 as soon as one rank fails (each prints ``rank R: stopping: <that line>`` and exits), SIGKILLs any still there
-after a grace period, and raises :class:`JobFailed` with the line. Process groups always get a timeout.
+after a grace period, and raises :class:`JobFailed` with the line.
+
+A rank that *stalls* (stuck, or stopped, without exiting) is harder: nothing exits. Process groups always get a
+timeout (:data:`DEFAULT_TIMEOUT` seconds unless told otherwise), so its peers' collectives fail; each peer then
+leaves a note ("I timed out"), waits a moment for the others' notes, and the ranks that left none are the ones
+that stopped answering: the record names them ("rank 1 stopped answering during step 3: ranks 0, 2 timed out
+after 30 s waiting for it"). Notes and heartbeats live in files under :func:`launch` and in the process group's
+own key-value store under torchrun.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["JobFailed", "device", "heartbeat", "init_distributed", "launch", "pick_backend"]
+__all__ = ["DEFAULT_TIMEOUT", "JobFailed", "device", "heartbeat", "init_distributed", "launch", "pick_backend"]
+
+DEFAULT_TIMEOUT = 45.0  # seconds a collective may wait: a stalled rank then ends the job in under a minute
 
 STATUS_ENV = "DSV3_STATUS_DIR"  # set by launch() in its children: where heartbeats and the failure record go
 _RECORD = "failure"  # the one-line failure record, created once (O_EXCL): first writer wins
 _GRACE = 5.0  # seconds survivors get to exit after SIGTERM before SIGKILL
 _RECORD_WAIT = 10.0  # seconds a rank whose collective failed waits for the record naming the peer that caused it
-_me = {"rank": None, "step": None}  # this process's rank and last heartbeat
+_NOTE_WAIT = 3.0  # seconds a rank whose collective timed out waits for its peers' notes before naming suspects
+_me = {"rank": None, "step": None, "world": None, "timeout": None}  # this process, its last heartbeat, its job
 _stopping = threading.Lock()  # one goodbye per process, whichever path (error, SIGTERM) gets there first
 
 
@@ -48,6 +58,11 @@ class JobFailed(RuntimeError):
     def __init__(self, message: str, exitcodes: list | None = None, pids: list | None = None, traceback: str = ""):
         super().__init__(message)
         self.exitcodes, self.pids, self.traceback = exitcodes or [], pids or [], traceback
+
+
+def job_timeout() -> float:
+    """The timeout this process's job was started with (:data:`DEFAULT_TIMEOUT` outside one)."""
+    return _me["timeout"] or DEFAULT_TIMEOUT
 
 
 def pick_backend(nprocs_on_this_host: int) -> str:
@@ -68,13 +83,76 @@ def heartbeat(step: int) -> None:
     """Record that this rank is starting ``step``, so a failure report can say which step. Kept in memory, and
     under :func:`launch` also in a tiny per-rank file the parent reads if the rank is killed."""
     _me["step"] = step
+    if _me["rank"] is not None:
+        _put(f"step.{_me['rank']}", str(step))
+
+
+# ------------------------------------------------------------------ notes between ranks (files or the c10d store)
+def _store():
+    """The default process group's key-value store under torchrun; None under launch() (files) or outside a job."""
+    if os.environ.get(STATUS_ENV) is not None or not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def _put(key: str, value: str) -> None:
     folder = os.environ.get(STATUS_ENV)
-    if folder is None or _me["rank"] is None:
-        return
-    path = os.path.join(folder, f"step.{_me['rank']}")
-    with open(path + ".tmp", "w") as f:
-        f.write(str(step))
-    os.replace(path + ".tmp", path)  # atomic: the parent never reads a half-written step
+    if folder is not None:
+        path = os.path.join(folder, key)
+        with open(path + ".tmp", "w") as f:
+            f.write(value)
+        os.replace(path + ".tmp", path)  # atomic: a reader never sees half a value
+    elif (store := _store()) is not None:
+        try:
+            store.set("dsv3/" + key, value)
+        except Exception:  # the store's host may be the one that is gone; notes are best-effort
+            pass
+
+
+def _get(key: str) -> str | None:
+    folder = os.environ.get(STATUS_ENV)
+    if folder is not None:
+        return _read(os.path.join(folder, key)) or None
+    store = _store()
+    try:
+        if store is not None and store.check(["dsv3/" + key]):
+            return store.get("dsv3/" + key).decode()
+    except Exception:
+        pass
+    return None
+
+
+def _timed_out(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _stalled_peers() -> str | None:
+    """After this rank's collective timed out: leave a note, wait for the peers' notes, and describe the ranks
+    that left none (they stopped answering), e.g. "rank 1 stopped answering during step 3: ranks 0, 2 timed
+    out after 30 s waiting for it". None when every peer timed out too, or outside a job."""
+    rank, world = _me["rank"], _me["world"]
+    if rank is None or not world:
+        return None
+    _put(f"timedout.{rank}", "1")
+    end = time.monotonic() + _NOTE_WAIT
+    while True:
+        waiting = [r for r in range(world) if _get(f"timedout.{r}")]
+        if len(waiting) == world or time.monotonic() >= end:
+            break
+        time.sleep(0.1)
+    silent = [r for r in range(world) if r not in waiting]
+    if not silent:
+        return None
+    steps = sorted({_get(f"step.{r}") for r in silent} - {None}, key=int)
+    when = _when(steps[0] if len(steps) == 1 else None) if steps else "before its first step"
+    if len(steps) > 1:
+        when = "during steps " + ", ".join(steps)
+    who = f"rank {silent[0]}" if len(silent) == 1 else "ranks " + ", ".join(map(str, silent))
+    them = "it" if len(silent) == 1 else "them"
+    after = f" after {_me['timeout']:g} s" if _me["timeout"] else ""
+    return (f"{who} stopped answering {when}: " + ("rank " if len(waiting) == 1 else "ranks ")
+            + ", ".join(map(str, waiting)) + f" timed out{after} waiting for {them}")
 
 
 # ------------------------------------------------------------------ the failure record
@@ -139,8 +217,13 @@ def _goodbye(message: str) -> None:
 def _fail(e: BaseException) -> None:
     """A rank's exception: the first failure (record it) or a consequence of a peer's failure (say whose)."""
     rank, folder, comm = _me["rank"], os.environ.get(STATUS_ENV), _is_comm_error(e)
-    record = _read_record(folder, wait=_RECORD_WAIT if comm else 0.0)
+    record = _read_record(folder, wait=_RECORD_WAIT if comm and not _timed_out(e) else 0.0)
     line = f"rank {rank} failed {_when(_me['step'])}: {_one_line(e)}"
+    if record is None and comm and _timed_out(e):  # nobody failed: a peer stopped answering; name it
+        stalled = _stalled_peers()
+        record = _read_record(folder)  # a peer may have written it meanwhile
+        if record is None and stalled and folder:
+            record = _write_record(folder, stalled)
     if record is None:
         record = _write_record(folder, line) if folder else line
     if record == line or not comm:
@@ -178,6 +261,8 @@ def _excepthook(kind, e, tb) -> None:
     if not issubclass(kind, Exception):
         return sys.__excepthook__(kind, e, tb)
     if _is_comm_error(e):
+        if _timed_out(e) and (stalled := _stalled_peers()):
+            _goodbye(f"rank {_me['rank']}: stopping: {stalled}")  # the agent then ends the others
         time.sleep(_GRACE)  # the SIGTERM thread ends this process if the agent saw another rank fail
         _goodbye(f"rank {_me['rank']}: stopping {_when(_me['step'])}: {_one_line(e)} (a peer may have failed)")
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
@@ -189,7 +274,7 @@ def _excepthook(kind, e, tb) -> None:
     _goodbye(f"rank {_me['rank']} failed {_when(_me['step'])}: {_one_line(e)}")
 
 
-def init_distributed(timeout: float = 120.0) -> tuple[int, int]:
+def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
     """For processes started by torchrun: read RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE, pick the backend,
     set the CUDA device under nccl, init the process group (timeout in seconds), stop cleanly on SIGTERM and
     print one line naming this rank and step on an uncaught exception. Returns (rank, world_size)."""
@@ -201,7 +286,7 @@ def init_distributed(timeout: float = 120.0) -> tuple[int, int]:
     backend = pick_backend(int(os.environ["LOCAL_WORLD_SIZE"]))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    _me["rank"] = rank
+    _me.update(rank=rank, world=world, timeout=timeout)
     _install_stop_handler()
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     sys.excepthook = _excepthook  # after init_process_group, which wraps the hook it finds in its own
@@ -212,7 +297,7 @@ def init_distributed(timeout: float = 120.0) -> tuple[int, int]:
 def _child(rank, world, fn, args, backend, folder, timeout, threads) -> None:
     """Runs in each spawned process: process group up, fn, rank 0's result saved, process group down."""
     os.environ[STATUS_ENV], os.environ["LOCAL_RANK"] = os.path.join(folder, "status"), str(rank)
-    _me["rank"] = rank
+    _me.update(rank=rank, world=world, timeout=timeout)
     _install_stop_handler()
     torch.set_num_threads(threads)
     try:
@@ -238,7 +323,7 @@ def _killed_record(status: str, rank: int, code: int) -> str:
     return f"rank {rank} was killed by {name} {_when(step)}"
 
 
-def launch(fn, nprocs: int, args: tuple = (), *, timeout: float = 120.0, threads: int = 1):
+def launch(fn, nprocs: int, args: tuple = (), *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1):
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes with a process group already up (gloo on
     CPU, nccl when every rank has a GPU; ``timeout`` seconds for its collectives) and ``threads`` intra-op
     threads each; return what ``fn`` returned on rank 0. ``fn`` must be a module-level function (the spawned

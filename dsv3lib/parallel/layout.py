@@ -30,6 +30,7 @@ import datetime
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from . import launch
 from .schedules import SCHEDULES, make_schedule, placement
 
 __all__ = ["ParallelLayout", "add_run_arguments", "check_layout", "schedule_arg"]
@@ -71,19 +72,21 @@ class ParallelLayout:
     """This rank's coordinates and process groups in a ``pp × dp × ep`` layout (chapters 5 and 6).
 
     Call on every rank, after ``init_process_group``, with the same degrees; every group's collectives
-    fail after ``timeout`` seconds (:mod:`~dsv3lib.parallel.launch` then ends the job). Attributes: ``pp``, ``dp``,
+    fail after ``timeout`` seconds (default: the job's own, as given to :func:`~dsv3lib.parallel.launch.launch` or
+    :func:`~dsv3lib.parallel.launch.init_distributed`; :mod:`~dsv3lib.parallel.launch` then ends the job). Attributes: ``pp``, ``dp``,
     ``ep``; ``pp_rank``, ``dp_rank``, ``ep_rank`` (this rank's coordinates); ``replica`` (its part of the
     batch) of ``n_replicas``; ``mesh`` (dims ``pp``, ``dp``, ``ep``) and the groups ``pp_group``,
     ``dp_group``, ``ep_group``, ``ep_backward_group``, ``replica_group``.
     """
 
-    def __init__(self, pp: int = 1, ep: int = 1, dp: int = 1, *, timeout: float = 120.0):
+    def __init__(self, pp: int = 1, ep: int = 1, dp: int = 1, *, timeout: float | None = None):
         if not dist.is_initialized():
             raise RuntimeError("ParallelLayout: no process group; start with parallel.launch or torchrun first")
         check_layout(dist.get_world_size(), pp, ep, dp)
         self.pp, self.ep, self.dp = pp, ep, dp
         backend = dist.get_backend()
         options = (dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options())
+        timeout = timeout or launch.job_timeout()
         options._timeout = datetime.timedelta(seconds=timeout)  # a stalled peer fails a collective, not hangs it
 
         def mesh(shape, names):
@@ -125,4 +128,5 @@ def add_run_arguments(p: argparse.ArgumentParser, *, ep: int = 1, steps: int = 5
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--fp8", action="store_true", help="block-scaled FP8 linears (reference GEMMs on CPU)")
     p.add_argument("--overlap", action="store_true", help="run each F&B pair's halves in two threads")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
+    p.add_argument("--timeout", type=float, default=launch.DEFAULT_TIMEOUT,
+                   help="seconds a collective may wait before the job ends (a stalled rank is named)")
