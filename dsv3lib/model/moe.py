@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8.grouped import grouped_experts
 from ..wgrad import accumulate, current_sink
 from .dtypes import keep_dtype
 
@@ -135,8 +136,10 @@ class MoE(nn.Module):
         """Sorted dispatch: the (token, expert) pairs are sorted by expert so each expert runs once on a
         contiguous slice; the weighted outputs are added back to their tokens."""
         order, token_of, counts = sort_by_expert(indices, len(self.experts))
-        chunks = x[token_of].split(counts.tolist())  # (N·topk, dim), grouped by expert
-        out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if len(chunk)])
+        xs, counts = x[token_of], counts.tolist()  # (N·topk, dim), grouped by expert
+        out = grouped_experts(self.experts, xs, counts)  # FP8 experts on the CPU: the same bits, fewer ops
+        if out is None:
+            out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if len(chunk)])
         return combine(out, weights, order, token_of)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
