@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8.grouped import grouped_experts
 from ..model import MoE
 from ..model.moe import combine, sort_by_expert
 
@@ -133,7 +134,9 @@ class ExpertParallelMoE(nn.Module):
         if self.batch_sources:  # regroup by local expert: one contiguous slice each
             local_id = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(recv.flatten())
             perm = local_id.argsort(stable=True)
-            outs = [self.experts[e](c) for e, c in enumerate(xr[perm].split(recv.sum(0).tolist())) if len(c)]
+            xs, rows = xr[perm], recv.sum(0).tolist()
+            out = grouped_experts(self.experts, xs, rows)  # FP8 on the CPU: one call, the per-expert bits
+            outs = [out] if out is not None else [self.experts[e](c) for e, c in enumerate(xs.split(rows)) if len(c)]
         else:  # one slice per (source, expert), as the source's own process would run it
             outs = [self.experts[j % n_local](c) for j, c in enumerate(xr.split(recv.flatten().tolist())) if len(c)]
         out = torch.cat(outs) if outs else xr[:0]
