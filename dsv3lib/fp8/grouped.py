@@ -128,13 +128,20 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     c = starts[e]
                     t[:N, c:c + r1 - r0] = dy2[r0:r1].t()
                     t[N:, c:c + r1 - r0] = x_hp[r0:r1].t()
-            tq, ts = act_quant_ref(t, bs, name="FP8 experts grad_output")
-            tb = _blocks(tq.unsqueeze(0), bs)
-            for e in range(len(spans)):
-                if need[e]:
-                    j0, j1 = starts[e] // bs, starts[e + 1] // bs
-                    dws[e] = _gemm([tb[j][0, :N] for j in range(j0, j1)], ts[:N, j0:j1],
-                                   [tb[j][0, N:] for j in range(j0, j1)], ts[N:, j0:j1]).to(w_dtype)
+            tq, ts = act_quant_ref(t, bs, name="FP8 experts grad_output")  # (N + K, Σ Mp), (N + K, Σ Mp/128)
+            full = fp8_to_float(tq.unflatten(1, (-1, bs)).transpose(0, 1))  # (tiles, N + K, bs): every tile whole
+            # each tile's dyᵀ·x product in one batched GEMM (as its own mm would give), times its two scales
+            parts = torch.bmm(full[:, :N], full[:, N:].transpose(1, 2))  # (tiles, N, K)
+            parts.mul_(ts[:N].t().unsqueeze(-1)).mul_(ts[N:].t().unsqueeze(1))
+            experts = [e for e in range(len(spans)) if need[e]]
+            first = torch.tensor([starts[e] // bs for e in experts])
+            n_tiles = torch.tensor([width[e] // bs for e in experts])
+            acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum, in fp8_gemm_ref's order
+            for i in range(1, int(n_tiles.max())):
+                more = (n_tiles > i).nonzero().flatten()
+                acc[more] = acc[more] + parts[first[more] + i]
+            for j, e in enumerate(experts):
+                dws[e] = acc[j].to(w_dtype)
             return dws
 
         if any(need) and ctx.sink is not None:
