@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +138,12 @@ class ModelConfig:
             _check_int(self, name, minimum=0)
         for name in ["norm_eps", "rope_theta", "rope_factor", "route_scale", "init_std", "mscale"]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+            if type(value) not in (int, float):  # a NumPy scalar (from_dict of loaded data): store a float
+                object.__setattr__(self, name, float(value))
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_factor: must be >= 1 (YaRN stretches the context, 1 = off), got {self.rope_factor}")
         for name in ["norm_topk_prob", "tie_embeddings"]:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
@@ -154,13 +159,13 @@ class ModelConfig:
             raise ValueError(f"score_func: must be one of {_SCORE_FUNCS}, got {self.score_func!r}")
         if self.group_score not in _GROUP_SCORES:
             raise ValueError(f"group_score: must be one of {_GROUP_SCORES}, got {self.group_score!r}")
+        for name in ["moe_inter_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                     "n_limited_groups"]:
+            _check_int(self, name, minimum=1)  # sizes even where unused; how they fit only where used
         if self.n_moe_layers > 0 or self.n_mtp_modules > 0:  # MTP blocks are MoE blocks too
             self._validate_moe()
 
     def _validate_moe(self) -> None:
-        for name in ["moe_inter_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
-                     "n_limited_groups"]:
-            _check_int(self, name, minimum=1)
         if self.n_activated_experts > self.n_routed_experts:
             raise ValueError(f"n_activated_experts: {self.n_activated_experts} exceeds "
                              f"n_routed_experts={self.n_routed_experts}")
@@ -179,12 +184,14 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """A named configuration from :data:`PRESETS`, optionally with fields overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset: unknown name {name!r}; choose from {sorted(PRESETS)}")
+        _check_names(overrides, "override")
         return cls(**{**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
+        _check_names(changes, "change")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,8 +199,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict of ModelConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise ValueError(f"{unknown[0]}: not a ModelConfig field")
         return cls(**d)
@@ -210,6 +219,8 @@ class ModelConfig:
         file-layout ones. A value whose logits the library cannot reproduce raises ``ValueError`` with one
         line that starts with the Hugging Face key (and ours in brackets where they differ).
         """
+        if not isinstance(hf, dict):
+            raise TypeError(f"hf: expected the dict of a config.json, got {type(hf).__name__}")
         _check_hf_constants(hf)
         kw: dict[str, Any] = dict(PRESETS["deepseek-v3"], max_seq_len=4096)
         for ours, theirs in _HF_FIELDS.items():
@@ -227,7 +238,10 @@ class ModelConfig:
         elif method != "noaux_tc":  # noaux_tc: bias for the choice, groups ranked by their top-2 (V3)
             why = " (DeepSeek-V2: groups ranked by their best score, no bias)" * (method == "group_limited_greedy")
             raise ValueError(f"topk_method: {method!r}{why} is not supported; expected 'noaux_tc' or 'greedy'")
-        kw.update(_hf_rope(hf, kw["max_seq_len"]))
+        max_len = kw["max_seq_len"]
+        if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 1:
+            raise ValueError(f"max_position_embeddings (max_seq_len): must be an integer >= 1, got {max_len!r}")
+        kw.update(_hf_rope(hf, max_len))
         if "n_routed_experts" in hf and hf["n_routed_experts"] is None:  # a dense model
             kw.update(n_dense_layers=kw["n_layers"], n_mtp_modules=0, n_routed_experts=1,
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
@@ -319,6 +333,13 @@ _HF_YARN_FIELDS = {  # ours -> keys of config.json's rope_scaling
 
 
 def _check_hf_constants(hf: dict[str, Any]) -> None:
+    if hf.get("model_type", "deepseek_v3") != "deepseek_v3":  # V2's keys mean other things (its greedy routing,
+        # no MTP); missing keys would silently take V3's values
+        raise ValueError(f"model_type: {hf['model_type']!r} is not supported; only 'deepseek_v3' "
+                         "(topk_method 'noaux_tc' or 'greedy')")
+    archs = hf.get("architectures") or []
+    if any("DeepseekV2" in str(a) for a in (archs if isinstance(archs, list) else [archs])):
+        raise ValueError(f"architectures: {archs!r} is DeepSeek-V2's; only DeepseekV3ForCausalLM is supported")
     for key, want in _HF_CONSTANTS.items():
         if key in hf and hf[key] != want:
             raise ValueError(f"{key}: only {want!r} is supported, got {hf[key]!r}")
@@ -342,6 +363,14 @@ def _hf_rope(hf: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
     """
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     scaling = hf.get(key) or {}
+    if not isinstance(scaling, dict):
+        raise TypeError(f"{key}: expected a dict or null, got {type(scaling).__name__}")
+    for name in ("factor", "original_max_position_embeddings", "mscale", "mscale_all_dim", "attention_factor",
+                 "beta_fast", "beta_slow", "rope_theta"):
+        value = scaling.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{key}.{name}: must be a finite number, got {value!r}")
     theta = scaling.get("rope_theta", hf.get("rope_theta", PRESETS["deepseek-v3"]["rope_theta"]))
     plain = dict(rope_theta=theta, rope_factor=1.0, original_seq_len=max_seq_len)  # RoPE over the whole context
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -352,7 +381,9 @@ def _hf_rope(hf: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
     if "factor" not in scaling:
         raise ValueError(f"{key}.factor: missing (YaRN needs its scale)")
     factor = scaling["factor"]
-    original = scaling.get("original_max_position_embeddings") or max_seq_len
+    if factor is None or factor < 1:
+        raise ValueError(f"{key}.factor: must be >= 1 (YaRN stretches the context), got {factor!r}")
+    original = _get(scaling, "original_max_position_embeddings", max_seq_len)
     mscale, all_dim, a = scaling.get("mscale"), scaling.get("mscale_all_dim"), scaling.get("attention_factor")
     if a is None:
         a = _hf_mscale(factor, mscale) / _hf_mscale(factor, all_dim) if mscale and all_dim else _hf_mscale(factor, 1)
@@ -370,15 +401,30 @@ def _hf_rope(hf: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
     if factor > 1 and not all_dim:
         raise ValueError(f"{key}.mscale_all_dim: {all_dim!r}; YaRN without attention temperature is not supported")
     return dict(rope_theta=theta, rope_factor=factor, original_seq_len=original, mscale=all_dim if factor > 1 else 1.0,
-                beta_fast=scaling.get("beta_fast") or 32, beta_slow=scaling.get("beta_slow") or 1)
+                beta_fast=_get(scaling, "beta_fast", 32), beta_slow=_get(scaling, "beta_slow", 1))
+
+
+def _get(d: dict[str, Any], key: str, default: Any) -> Any:
+    """``d[key]``, or ``default`` where it is missing or null (a present 0 stays 0 and fails validation)."""
+    value = d.get(key)
+    return default if value is None else value
 
 
 def _check_int(cfg: ModelConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: must be an integer, got {value!r}")
+    if type(value) is not int:  # a NumPy integer (from_dict of loaded data): store an int
+        object.__setattr__(cfg, name, value := int(value))
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _check_names(kw: dict[str, Any], what: str) -> None:
+    """Raise ``TypeError`` naming the first keyword of ``kw`` that is not a ModelConfig field."""
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not a ModelConfig field (in this {what})")
 
 
 # Presets are data. "tiny" trains on 2 CPU cores in minutes (chapter 0); "deepseek-v3" is the released

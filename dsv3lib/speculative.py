@@ -17,13 +17,14 @@ Only batch size 1 is supported: sequences in a batch would accept different numb
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .generate import _as_batch, top_p_filter
+from .generate import _as_batch, _check_eos, _check_int, _check_seed, _multinomial, check_sampling, top_p_filter
 from .model import KVCache, LatentCache, Transformer, eval_mode
 
 __all__ = [
@@ -40,7 +41,13 @@ def expected_tokens_per_forward(acceptance: float | Sequence[float], depth: int 
     prefix plus one token of the main model's own: 1 + a_1 + a_1·a_2 + ... (= (1 − p^(D+1)) / (1 − p)
     for a constant p).
     """
-    rates = [float(acceptance)] * (depth or 1) if isinstance(acceptance, (int, float)) else list(acceptance)
+    if depth is not None:
+        depth = _check_int(depth, "depth", 0)
+    try:
+        scalar = isinstance(acceptance, numbers.Real)
+        rates = [float(acceptance)] * (1 if depth is None else depth) if scalar else [float(a) for a in acceptance]
+    except (TypeError, ValueError):
+        raise TypeError(f"acceptance: expected a probability or a list of them, got {acceptance!r}") from None
     if depth is not None:
         rates = rates[:depth]
     if any(not 0 <= a <= 1 for a in rates):
@@ -89,12 +96,17 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
     Accept with probability min(1, p[token] / q[token]); otherwise draw from norm(max(0, p − q)).
     Either way the returned token is distributed exactly as ``p``.
     """
+    if p.dim() != 1 or q.shape != p.shape:
+        raise ValueError(f"q: expected the shape of p, one (V,) distribution each, got {tuple(q.shape)} and "
+                         f"{tuple(p.shape)}")
+    if not 0 <= _check_int(token, "token", 0) < p.numel():
+        raise ValueError(f"token: {token} is outside the vocabulary [0, {p.numel()})")
     u = torch.rand((), generator=generator, device=p.device)
     if q[token] > 0 and u * q[token] <= p[token]:
         return True, token
     residual = (p - q).clamp_min(0)
     residual = residual / residual.sum() if residual.sum() > 0 else p
-    return False, int(torch.multinomial(residual, 1, generator=generator))
+    return False, int(_multinomial(residual, generator))
 
 
 @dataclass
@@ -110,7 +122,7 @@ class _Sampler:
         if self.temperature == 0.0:
             return int(logits.argmax()), None
         probs = _probs(logits, self.temperature, self.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+        return int(_multinomial(probs, self.generator)), probs
 
     def check(self, logits: torch.Tensor, draft: int, draft_probs: torch.Tensor | None) -> tuple[bool, int]:
         """(accepted?, the main model's token at this position): its argmax, or speculative sampling."""
@@ -189,14 +201,12 @@ def _accept(sampler: _Sampler, drafts: list[int], draft_probs: list[torch.Tensor
 def _check_args(model: Transformer, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, depth: int,
                 temperature: float, top_p: float) -> tuple[torch.Tensor, int]:
     """The prompt as (1, T) tokens and the cache length the run needs; errors name the argument."""
+    tokens = _as_batch(prompt, model)  # first: checks that model is a Transformer
     n_mtp = len(model.mtp)
-    if not 1 <= depth <= n_mtp:
+    if not 1 <= _check_int(depth, "depth", 1 if n_mtp else 0) <= n_mtp:
         raise ValueError(f"depth: must be in [1, n_mtp_modules={n_mtp}], got {depth}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature/top_p: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    tokens = _as_batch(prompt, model.embed.weight.device)
+    _check_int(max_new_tokens, "max_new_tokens", 1)
+    check_sampling(temperature, top_p)
     if tokens.size(0) != 1:
         raise ValueError(f"prompt: speculative decoding takes one sequence, got a batch of {tokens.size(0)}")
     # the last verify pass may look up to `depth` positions past the final token
@@ -219,8 +229,10 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | torch.Tenso
     Returns:
         (1, T + n) tokens and a :class:`SpecStats`.
     """
-    depth = len(model.mtp) if depth is None else depth
+    depth = len(getattr(model, "mtp", ())) if depth is None else depth
     tokens, max_len = _check_args(model, prompt, max_new_tokens, depth, temperature, top_p)
+    _check_eos(eos_id, model.cfg.vocab_size)
+    _check_seed(seed)
     device = tokens.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sampler = _Sampler(temperature, top_p, gen)
@@ -266,6 +278,8 @@ def teacher_forced_acceptance(model: Transformer, tokens: torch.Tensor) -> float
     the same token. This measures acceptance on held-out text rather than on the model's own continuations
     (where a model agrees with itself more easily). tokens: (B, T) with T >= 3.
     """
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected a (batch, T) torch.Tensor of ids, got {type(tokens).__name__}")
     if tokens.dim() != 2 or tokens.size(1) < 3:
         raise ValueError(f"tokens: expected (batch, T >= 3), got {tuple(tokens.shape)}")
     if not len(model.mtp):

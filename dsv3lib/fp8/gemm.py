@@ -21,6 +21,8 @@ _NEEDS = dict(min_capability=(8, 9), what="FP8 tensor cores (tl.dot on float8_e4
 
 def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "x"):
     """See :func:`dsv3lib.fp8.quant.act_quant_ref`."""
+    quant.check_block_size(block_size)
+    quant.check_tensor(x, name)
     if use_triton(x, **_NEEDS) and x.shape[-1] % block_size == 0:
         from . import kernels
         quant.check_finite(x, name)
@@ -30,6 +32,8 @@ def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False, nam
 
 def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "weight"):
     """See :func:`dsv3lib.fp8.quant.weight_quant_ref`."""
+    quant.check_block_size(block_size)
+    quant.check_tensor(w, name)
     if use_triton(w, **_NEEDS) and w.dim() == 2:
         from . import kernels
         quant.check_finite(w, name)
@@ -40,6 +44,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, *,
              block_size: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """See :func:`dsv3lib.fp8.quant.fp8_gemm_ref` (``b`` and the scales may be transposed views)."""
+    quant.check_block_size(block_size)
     if use_triton(a, **_NEEDS) and a.shape[-1] % block_size == 0:
         from . import kernels
         return kernels.fp8_gemm(a, a_s, b, b_s, block_size=block_size, out_dtype=out_dtype)

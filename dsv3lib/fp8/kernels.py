@@ -21,7 +21,7 @@ from triton.language.extra import libdevice
 
 from ..dispatch import interpreting
 from .formats import FP8_DTYPE, FP8_MAX
-from .quant import check_gemm_args
+from .quant import check_block_size, check_gemm_args
 
 __all__ = ["act_quant", "weight_quant", "fp8_gemm", "GEMM_CONFIGS", "INTERPRET"]
 
@@ -89,6 +89,9 @@ def act_quant(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False):
     Returns:
         (..., K) float8_e4m3fn and (..., K/block_size) float32 scales, as :func:`quant.act_quant_ref`.
     """
+    check_block_size(block_size)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not x.is_contiguous() or x.shape[-1] % block_size:
         raise ValueError(f"act_quant kernel: x must be contiguous with K % {block_size} == 0, got {tuple(x.shape)}")
     K = x.shape[-1]
@@ -121,6 +124,9 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False):
     Returns:
         (N, K) float8_e4m3fn and (ceil(N/bs), ceil(K/bs)) float32 scales, as :func:`quant.weight_quant_ref`.
     """
+    check_block_size(block_size)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise ValueError(f"w: expected a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"weight_quant kernel: w must be a contiguous (N, K) matrix, got {tuple(w.shape)}")
     N, K = w.shape
@@ -170,7 +176,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     K must be a multiple of ``block_size``; M and N are free; b and the scales may have any strides (they are
     made contiguous). Returns (..., N) in ``out_dtype``.
     """
-    check_gemm_args(a, a_s, b, b_s, block_size)
+    check_gemm_args(a, a_s, b, b_s, block_size, out_dtype)
     K = a.shape[-1]
     if K % block_size:
         raise ValueError(f"fp8_gemm kernel: K={K} must be a multiple of {block_size} (use the reference)")

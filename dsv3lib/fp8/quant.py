@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from .formats import FP8_DTYPE, FP8_MAX
 
-__all__ = ["check_finite", "compute_scale", "fp8_to_float", "quant_per_tensor", "quant_per_row", "dequant_per_row",
-           "act_quant_ref", "act_dequant", "weight_quant_ref", "weight_dequant", "expand_b_scales", "check_gemm_args",
-           "fp8_gemm_ref"]
+__all__ = ["check_finite", "check_block_size", "check_scales", "check_tensor", "compute_scale", "fp8_to_float",
+           "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_dequant", "weight_quant_ref",
+           "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref"]
 
 _TABLE: torch.Tensor | None = None  # the FP32 value of each of the 256 E4M3 bytes (CPU), made on first use
 
@@ -37,6 +37,38 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or inf."""
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or inf; refusing to quantise it to FP8 (it would saturate)")
+
+
+def check_block_size(block_size: int) -> int:
+    """Raise naming ``block_size`` unless it is a positive int (the width of a scaling group)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size: must be an int, got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size: must be >= 1, got {block_size}")
+    return block_size
+
+
+def check_scales(s: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every scale is a positive finite number (what the quantisers
+    produce): a NaN, inf, zero or negative scale would give NaN, zero or sign-flipped products silently.
+    Checked on the CPU only: on a GPU the test would cost a host sync per GEMM, and there the scales come from
+    the quantisers, which refuse NaN and inf inputs."""
+    if s.numel() and s.device.type == "cpu":
+        lo, hi = torch.aminmax(s)  # NaN propagates to both
+        if not (lo.item() > 0 and hi.item() < math.inf):
+            raise ValueError(f"{name}: scales must be positive and finite, found min {lo.item()}, max {hi.item()}")
+
+
+def check_tensor(x, name: str, *, fp8: bool = False, min_dim: int = 1) -> None:
+    """Raise naming ``name`` unless ``x`` is a tensor of at least ``min_dim`` dims (and float8_e4m3fn if ``fp8``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
+    if fp8 and x.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: expected {FP8_DTYPE}, got {x.dtype}")
+    if not fp8 and (x.dtype == torch.bool or x.is_complex()):
+        raise ValueError(f"{name}: expected real numbers, got {x.dtype}")
 
 
 def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
@@ -70,6 +102,8 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     On the CPU it looks each byte up in a 256-entry table of the values ``.float()`` gives (the same numbers,
     about 5× faster than torch's CPU cast); elsewhere it is the cast.
     """
+    if q.dtype != FP8_DTYPE:
+        raise ValueError(f"q: expected {FP8_DTYPE}, got {q.dtype}")
     if q.device.type != "cpu":
         return q.to(torch.float32, memory_format=torch.contiguous_format)
     global _TABLE
@@ -119,6 +153,9 @@ def quant_per_row(x: torch.Tensor, *, pow2: bool = False, name: str = "x"):
 
 def dequant_per_row(x_fp8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x_fp8 · s`` in FP32; works for per-tensor (0-d) and per-row ((..., 1)) scales."""
+    check_tensor(s, "s", min_dim=0)
+    if s.dim() and s.shape != (*x_fp8.shape[:-1], 1):
+        raise ValueError(f"s: expected a 0-d scale or shape {(*x_fp8.shape[:-1], 1)}, got {tuple(s.shape)}")
     return fp8_to_float(x_fp8) * s
 
 
@@ -133,7 +170,11 @@ def act_quant_ref(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False,
     Returns:
         x_fp8: (..., K) float8_e4m3fn;  scales: (..., ceil(K/block_size)) float32 (amax/448 per tile).
     """
+    check_tensor(x, name)
+    check_block_size(block_size)
     K = x.shape[-1]
+    if K == 0:
+        raise ValueError(f"{name}: has no channels to quantise (shape {tuple(x.shape)})")
     xf = _f32(x)
     if K <= block_size:  # one (maybe partial) tile per row: no reshaping
         s = _group_scales(xf.abs().amax(dim=-1, keepdim=True), pow2, name)  # (..., 1)
@@ -146,19 +187,33 @@ def act_quant_ref(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False,
 
 def act_dequant(x_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """Inverse of :func:`act_quant_ref` (FP32)."""
+    check_tensor(x_fp8, "x_fp8", fp8=True)
+    check_block_size(block_size)
+    check_tensor(s, "s", min_dim=0)
     K = x_fp8.shape[-1]
+    want = (*x_fp8.shape[:-1], math.ceil(K / block_size))
+    if s.shape != want:
+        raise ValueError(f"s: expected shape {want} (one scale per 1×{block_size} tile), got {tuple(s.shape)}")
     scales = s if K <= block_size else s.repeat_interleave(block_size, dim=-1)[..., :K]  # one tile: broadcast
     return fp8_to_float(x_fp8) * scales
 
 
 def weight_quant_ref(w: torch.Tensor, block_size: int = 128, *, pow2: bool = False, name: str = "weight"):
-    """Quantise a (N, K) weight in ``block_size``×``block_size`` blocks.
+    """Quantise a (N, K) weight in ``block_size``×``block_size`` blocks (DeepSeek-V3's released FP8 layout:
+    ``w_fp8`` is the checkpoint's ``weight``, the scales its ``weight_scale_inv``; ``w ≈ w_fp8 · scale``).
+
+    Raises ``ValueError`` naming ``name`` if ``w`` holds NaN or inf (or is not a non-empty 2-D real tensor),
+    and naming ``block_size`` unless that is a positive int.
 
     Returns:
         w_fp8: (N, K) float8_e4m3fn;  scales: (ceil(N/bs), ceil(K/bs)) float32.
     """
+    check_tensor(w, name)
+    check_block_size(block_size)
     if w.dim() != 2:
         raise ValueError(f"weight_quant: {name} must be 2-D (N, K), got shape {tuple(w.shape)}")
+    if not w.numel():
+        raise ValueError(f"{name}: is empty (shape {tuple(w.shape)}); nothing to quantise")
     N, K = w.shape
     wf = _f32(w)
     if N <= block_size and K <= block_size:  # one (maybe partial) block: no reshaping
@@ -173,7 +228,16 @@ def weight_quant_ref(w: torch.Tensor, block_size: int = 128, *, pow2: bool = Fal
 
 def weight_dequant(w_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """Inverse of :func:`weight_quant_ref` (FP32, (N, K))."""
+    check_tensor(w_fp8, "w_fp8", fp8=True)
+    check_block_size(block_size)
+    if w_fp8.dim() != 2:
+        raise ValueError(f"w_fp8: must be 2-D (N, K), got shape {tuple(w_fp8.shape)}")
+    check_tensor(s, "s", min_dim=0)
     N, K = w_fp8.shape
+    want = (math.ceil(N / block_size), math.ceil(K / block_size))
+    if s.shape != want:
+        raise ValueError(f"s: expected shape {want} (one scale per {block_size}×{block_size} block), "
+                         f"got {tuple(s.shape)}")
     full = s.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:N, :K]
     return fp8_to_float(w_fp8) * full
 
@@ -181,11 +245,22 @@ def weight_dequant(w_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) 
 def expand_b_scales(b_s: torch.Tensor, N: int, block_size: int = 128) -> torch.Tensor:
     """(N, nk) per-row scales of B from either 128×128 block scales (ceil(N/bs), nk) or 1×128 tile scales (N, nk)
     (which of the two :func:`check_gemm_args` checks)."""
+    check_block_size(block_size)
     return b_s if b_s.shape[0] == N else b_s.repeat_interleave(block_size, 0)[:N]
 
 
-def check_gemm_args(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, block_size: int) -> None:
-    """Raise ``ValueError`` naming the argument unless ``fp8_gemm(a, a_s, b, b_s)`` is well formed."""
+def check_gemm_args(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, block_size: int,
+                    out_dtype: torch.dtype = torch.float32) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument unless ``fp8_gemm(a, a_s, b, b_s)`` is well formed:
+    shapes, dtypes, ``block_size``, ``out_dtype`` and scales that are positive and finite (:func:`check_scales`)."""
+    for t, name in ((a, "a"), (a_s, "a_scales"), (b, "b"), (b_s, "b_scales")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fp8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_block_size(block_size)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype: must be a floating-point torch.dtype, got {out_dtype!r}")
+    if a.dim() < 1:
+        raise ValueError("fp8_gemm: a must be (..., K), got a 0-d tensor")
     if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_gemm: a and b must be {FP8_DTYPE}, got {a.dtype} and {b.dtype}")
     if b.dim() != 2 or a.shape[-1] != b.shape[-1]:
@@ -199,6 +274,10 @@ def check_gemm_args(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
     if b_s.shape[0] not in (nb, N):
         raise ValueError(f"fp8_gemm: b_scales has {b_s.shape[0]} rows; expected {nb} (128×128 blocks) or {N} "
                          "(1×128 tiles)")
+    for t, name in ((a_s, "a_scales"), (b_s, "b_scales")):
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"fp8_gemm: {name} must be real numbers, got {t.dtype}")
+        check_scales(t, f"fp8_gemm: {name}")
 
 
 def _k_blocks(q: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -227,7 +306,7 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
         and is multiplied by its two scales before joining the FP32 accumulator — what the GPU does after
         each N_C = 128 promotion (V3 §3.3.2, Fig. 7b).
     """
-    check_gemm_args(a, a_s, b, b_s, block_size)
+    check_gemm_args(a, a_s, b, b_s, block_size, out_dtype)
     lead, K = a.shape[:-1], a.shape[-1]
     M, N = math.prod(lead), b.shape[0]
     if a.dim() != 2:

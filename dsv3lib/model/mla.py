@@ -67,6 +67,7 @@ class KVCache(_CacheSizes):
 
     k: torch.Tensor  # (B, max_len, n_heads, qk_head_dim)
     v: torch.Tensor  # (B, max_len, n_heads, v_head_dim)
+    filled: int = 0  # positions [0, filled) have been written (Transformer keeps it; start_pos may not pass it)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
@@ -93,6 +94,7 @@ class LatentCache(_CacheSizes):
 
     k: torch.Tensor  # (B, max_len, kv_lora_rank + qk_rope_head_dim): [c_KV ; k_R]
     kv_lora_rank: int
+    filled: int = 0  # positions [0, filled) have been written (as KVCache.filled)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):

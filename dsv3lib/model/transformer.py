@@ -7,6 +7,9 @@ to it as transforms in later chapters, so this file stays readable next to the o
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import NamedTuple
 
 import torch
@@ -21,7 +24,7 @@ from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
-__all__ = ["Transformer", "ModelOutput", "mtp_forward", "mtp_loss"]  # Block: see .block
+__all__ = ["Transformer", "ModelOutput", "mtp_forward", "mtp_loss", "check_index"]  # Block: see .block
 
 
 class ModelOutput(NamedTuple):
@@ -31,6 +34,8 @@ class ModelOutput(NamedTuple):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg: expected a ModelConfig (ModelConfig.preset, from_dict), got {type(cfg).__name__}")
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -66,39 +71,86 @@ class Transformer(nn.Module):
         ``cfg.attn_impl``: a :class:`LatentCache` ("absorb", the default; chapter 2) or a
         :class:`KVCache` of expanded keys and values ("naive"); each MLA attends the way its cache needs."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
-        if not 0 < max_len <= self.cfg.max_seq_len:
+        check_index(batch_size, "batch_size", 1)
+        if check_index(max_len, "max_len", 1) > self.cfg.max_seq_len:
             raise ValueError(f"max_len: {max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
         w = self.embed.weight
         n = len(self.mtp) if mtp else len(self.layers)
         return [new_layer_cache(self.cfg, batch_size, max_len, w.dtype, w.device) for _ in range(n)]
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int,
-                     cache: list[KVCache | LatentCache] | None) -> None:
+                     cache: list[KVCache | LatentCache] | None) -> int:
+        """Raise ``TypeError``/``ValueError`` naming the argument unless ``forward(tokens, start_pos, cache)``
+        is well formed: (B, T) integer ids in the vocabulary, positions within max_seq_len and the cache, a
+        cache built for this model (:meth:`check_cache`) whose positions before ``start_pos`` are written.
+        Returns ``start_pos`` as an int."""
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens: expected a (batch, seq) torch.Tensor of ids, got {type(tokens).__name__}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.size(1) == 0:
             raise ValueError("tokens: empty sequence (T=0)")
+        if tokens.size(0) == 0:
+            raise ValueError("tokens: empty batch (B=0)")
         if tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"tokens: expected an integer tensor, got {tokens.dtype}")
+        if tokens.device != self.embed.weight.device:
+            raise ValueError(f"tokens: on {tokens.device}, the model on {self.embed.weight.device}")
+        start_pos = check_index(start_pos, "start_pos", 0)
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
             raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         end = start_pos + tokens.size(1)
-        if start_pos < 0 or end > self.cfg.max_seq_len:
+        if end > self.cfg.max_seq_len:
             raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed max_seq_len={self.cfg.max_seq_len}")
-        if cache is not None and end > cache[0].k.size(1):
+        if cache is None:
+            return start_pos
+        self.check_cache(cache, tokens.device)
+        if end > cache[0].k.size(1):
             raise ValueError(f"tokens: positions [{start_pos}, {end}) exceed the cache's max_len={cache[0].k.size(1)}")
-        if cache is not None and tokens.size(0) > cache[0].k.size(0):
+        if tokens.size(0) > cache[0].k.size(0):
             raise ValueError(f"tokens: batch {tokens.size(0)} exceeds the cache's {cache[0].k.size(0)}")
+        if start_pos > cache[0].filled:
+            raise ValueError(f"start_pos: {start_pos} is past the {cache[0].filled} positions written to the cache; "
+                             "attention would read empty slots")
+        return start_pos
+
+    def check_cache(self, cache: list[KVCache | LatentCache], device: torch.device | None = None) -> None:
+        """Raise naming ``cache`` unless it is one cache per layer of the shapes :meth:`new_cache` builds."""
+        if not isinstance(cache, (list, tuple)):
+            raise TypeError(f"cache: expected the list that new_cache returns, got {type(cache).__name__}")
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache: has {len(cache)} layer caches, the model {len(self.layers)} layers "
+                             "(an MTP cache, or one from another model?)")
+        cfg = self.cfg
+        for i, c in enumerate(cache):
+            if isinstance(c, LatentCache):
+                want = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)]
+                got = [tuple(c.k.shape[2:])]
+                ok = c.kv_lora_rank == cfg.kv_lora_rank
+            elif isinstance(c, KVCache):
+                want = [(cfg.n_heads, cfg.qk_head_dim), (cfg.n_heads, cfg.v_head_dim)]
+                got = [tuple(c.k.shape[2:]), tuple(c.v.shape[2:])]
+                ok = c.v.shape[:2] == c.k.shape[:2]
+            else:
+                raise TypeError(f"cache[{i}]: expected a LatentCache or KVCache, got {type(c).__name__}")
+            if got != want or not ok or c.k.shape[:2] != cache[0].k.shape[:2]:
+                raise ValueError(f"cache[{i}]: a {type(c).__name__} of shape {[tuple(c.k.shape)] + got[1:]} does not "
+                                 f"fit this model's config (another config's cache?); build it with new_cache")
+            if device is not None and c.k.device != device:
+                raise ValueError(f"cache[{i}]: on {c.k.device}, the tokens on {device}")
 
     def hidden(self, tokens: torch.Tensor, start_pos: int = 0,
                cache: list[KVCache | LatentCache] | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) of the main model."""
-        self.check_tokens(tokens, start_pos, cache)
+        start_pos = self.check_tokens(tokens, start_pos, cache)
         freqs_cis = self.freqs_cis[start_pos:start_pos + tokens.size(1)]
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, freqs_cis, None if cache is None else cache[i])
+        if cache is not None:
+            for c in cache:
+                c.filled = max(c.filled, start_pos + tokens.size(1))
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache | LatentCache] | None = None,
@@ -145,10 +197,35 @@ def mtp_loss(out: ModelOutput, labels: torch.Tensor, mtp_lambda: float = 0.3,
     Returns:
         (total, main CE, [CE of each depth]).
     """
-    main = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
-    depth = [
-        F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=ignore_index)
-        for k, lg in enumerate(out.mtp_logits, start=1)
-    ]
+    if not isinstance(labels, torch.Tensor) or labels.shape != out.logits.shape[:2]:
+        raise ValueError(f"labels: expected a tensor of shape {tuple(out.logits.shape[:2])} (the tokens' (B, T)), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype not in (torch.long, torch.uint8):  # what cross_entropy takes
+        raise ValueError(f"labels: expected integer token ids, got {labels.dtype}")
+    if isinstance(mtp_lambda, bool) or not isinstance(mtp_lambda, numbers.Real) or not 0 <= mtp_lambda < math.inf:
+        raise ValueError(f"mtp_lambda: must be a finite number >= 0, got {mtp_lambda!r}")
+    try:  # an id outside [0, vocab) other than ignore_index: torch's IndexError (CPU) does not say which input
+        main = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+        depth = [
+            F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=ignore_index)
+            for k, lg in enumerate(out.mtp_logits, start=1)
+        ]
+    except IndexError as err:
+        raise ValueError(f"labels: an id is outside the vocabulary [0, {out.logits.size(-1)}) and is not "
+                         f"ignore_index={ignore_index} ({err})") from None
     total = main + mtp_lambda * torch.stack(depth).mean() if depth else main
     return total, main, depth
+
+
+def check_index(value, name: str, minimum: int) -> int:
+    """``value`` as a Python int, at least ``minimum``; ints, NumPy ints and 0-d integer tensors pass, bools and
+    floats raise ``TypeError`` naming ``name`` (shared by the generation entry points)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except (TypeError, RuntimeError):
+        raise TypeError(f"{name}: must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return value
