@@ -43,7 +43,8 @@ from .model import Gate, Routing, eval_mode
 
 __all__ = [
     "LoadMeter", "BiasBalancer", "max_violation", "sequence_balance_loss", "batch_balance_loss",
-    "capture_routing", "balance_loss", "gates_of", "LoadRecorder", "GlobalLoad", "global_max_violation",
+    "capture_routing", "balance_loss", "gates_of", "LoadRecorder", "AffinityRecorder", "GlobalLoad",
+    "global_max_violation",
 ]
 
 
@@ -273,6 +274,35 @@ class LoadRecorder:
     def mean_max_vio(self) -> list[float]:
         """MaxVio_batch per step, averaged over the gates (as Wang et al. Fig. 3)."""
         return [sum(v) / len(v) for v in self.max_vio]
+
+
+class AffinityRecorder:
+    """Callback for :func:`dsv3lib.train.train`: the mean router affinity s (over tokens, experts and gates) of
+    each step's training forwards, in ``steps`` and ``mean``. Chapter 3 uses it to ask whether a batch-wise
+    auxiliary loss on sigmoid gates lowers every affinity instead of rebalancing them. Call :meth:`remove`
+    when done (it hooks every gate)."""
+
+    def __init__(self, model: nn.Module):
+        self.steps: list[int] = []
+        self.mean: list[float] = []
+        self._sum, self._n = 0.0, 0
+        self._hooks = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, Gate)]
+        if not self._hooks:
+            raise ValueError("model: has no MoE gate to record")
+
+    def _hook(self, module: nn.Module, args, out: Routing) -> None:
+        if module.training:
+            self._sum += out.scores.detach().float().mean().item()
+            self._n += 1
+
+    def __call__(self, info) -> None:
+        self.steps.append(info.step)
+        self.mean.append(self._sum / max(self._n, 1))
+        self._sum, self._n = 0.0, 0
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from dsv3lib.balancing import (
     BiasBalancer,
     LoadMeter,
+    AffinityRecorder,
     LoadRecorder,
     balance_loss,
     batch_balance_loss,
@@ -240,6 +241,27 @@ def test_load_recorder_and_aux_loss_in_training():
         aux = loss - main - tcfg.mtp_lambda * mtp[0]
         assert 0 < aux < 3e-4  # two gates, ≈ α each
     assert all(len(g._forward_hooks) == 0 for g in model.modules() if isinstance(g, Gate))  # hooks gone
+
+
+def test_affinity_recorder_means_the_training_scores():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", **SMALL_MODEL))
+    aff = AffinityRecorder(model)
+    seen = []  # the same quantity, gathered independently: every training forward's scores
+    hooks = [g.register_forward_hook(lambda m, a, out: seen.append(out.scores.mean().item()) if m.training else None)
+             for g in model.modules() if isinstance(g, Gate)]
+    tcfg = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, warmup_steps=1)
+    train(model, tcfg, callbacks=[aff], progress=False)
+    n = len(seen) // 2  # forwards per step (two gates, one forward each)
+    assert aff.steps == [1, 2]
+    assert aff.mean == pytest.approx([sum(seen[:n]) / n, sum(seen[n:]) / n])
+    assert all(0 < v < 1 for v in aff.mean)  # sigmoid affinities
+    aff.remove()
+    for h in hooks:
+        h.remove()
+    assert all(len(g._forward_hooks) == 0 for g in model.modules() if isinstance(g, Gate))
+    with pytest.raises(ValueError, match="^model: has no MoE gate"):
+        AffinityRecorder(torch.nn.Linear(2, 2))
 
 
 def test_bad_aux_loss_kind():

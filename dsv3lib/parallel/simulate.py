@@ -231,7 +231,7 @@ def gantt(timeline, ax=None, title: str | None = None):
             kind = "Bi" if op.zb else op.kind
             ax.barh(r, end - start, left=start, height=0.8, color=COLOURS[kind], edgecolor="black", linewidth=0.5)
             text = "/".join(label(p) for p in op.parts)
-            ax.text((start + end) / 2, r, text, ha="center", va="center", fontsize=7)
+            ax.text((start + end) / 2, r, text, ha="center", va="center", fontsize=9)
     ax.set_yticks(range(n_ranks))
     ax.set_yticklabels([f"rank {r}" for r in range(n_ranks)])
     ax.invert_yaxis()
@@ -240,5 +240,5 @@ def gantt(timeline, ax=None, title: str | None = None):
     ax.set_title(title or f"{name}: makespan {makespan:g}")
     kinds = sorted({"Bi" if op.zb else op.kind for tl in timeline for _, _, op in tl}, key=list(COLOURS).index)
     handles = [Patch(color=COLOURS[k], label=k) for k in kinds]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
     return ax
