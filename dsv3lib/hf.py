@@ -19,6 +19,8 @@ that name the tensor) is :mod:`dsv3lib.checkpoint`'s.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -29,20 +31,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import (
+    _SAFETENSORS_ERRORS,
     CONFIG,
+    TRAINING_STATE,
     WEIGHTS,
     _aliases,
+    _available_memory,
     _cast,
     _check,
+    _check_dtype,
+    _check_finite,
+    _check_load_args,
+    _checkpoint_dir,
     _materialise,
     _need,
     _read_json,
+    _reading,
     _skeleton,
     _write_json,
     atomic_write_dir,
 )
-from .config import ModelConfig
+from .config import _HF_FIELDS, ModelConfig
 from .fp8 import weight_dequant, weight_quant_ref
+from .fp8.quant import check_scales
 from .model import Transformer
 
 __all__ = ["hf_name", "save_hf", "load_hf"]
@@ -103,13 +114,20 @@ def _n_blocks(shape, block: int) -> tuple[int, int]:
     return -(-shape[0] // block), -(-shape[1] // block)
 
 
-def _block_size(hf_cfg: dict[str, Any]) -> int:
+def _block_size(hf_cfg: dict[str, Any], where: Path) -> int:
     """The FP8 block edge from ``quantization_config.weight_block_size`` (square blocks, as fp8.quant's)."""
-    size = (hf_cfg.get("quantization_config") or {}).get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
-    if not isinstance(size, list) or len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int) \
-            or size[0] < 1:
-        raise ValueError(f"quantization_config.weight_block_size: {size}; only square blocks [b, b] are supported")
+    quant = hf_cfg.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise ValueError(f"quantization_config: expected an object, got {quant!r} (in {where})")
+    size = quant.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+    if not isinstance(size, list) or len(size) != 2 or size[0] != size[1] or not _positive_int(size[0]):
+        raise ValueError(f"quantization_config.weight_block_size: {json.dumps(size)}; only square blocks [b, b] "
+                         f"of an integer b >= 1 are supported (in {where})")
     return size[0]
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = False, block: int = FP8_BLOCK,
@@ -118,11 +136,16 @@ def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = Fal
     ``fp8=True`` stores the projections the release quantises as e4m3 + ``weight_scale_inv`` in
     ``block``×``block`` blocks; MTP layers get copies of embedding and head, as in the release;
     ``shard_bytes`` splits files (+ index.json)."""
+    if fp8 and not _positive_int(block):
+        raise ValueError(f"block: the FP8 block edge must be an integer >= 1, got {block!r}")
+    if shard_bytes is not None and not _positive_int(shard_bytes):
+        raise ValueError(f"shard_bytes: must be None or an integer >= 1, got {shard_bytes!r}")
     cfg, aliases = model.cfg, _aliases(model)
     hf_cfg = cfg.to_hf_config()  # first: raises for what config.json cannot express
     tensors: dict[str, torch.Tensor] = {}
     for name, t in [(n, t) for n, t in model.state_dict().items() if n not in aliases]:
         hf, t = hf_name(name, cfg.n_layers), t.detach().cpu().contiguous()
+        _check_finite(hf, t, "refusing to save it")
         quantised = weight_quant_ref(t, block, name=hf) if fp8 and _fp8_target(hf) else (t,)
         tensors.update(zip([hf, hf + "_scale_inv"], quantised))
     for hf, ours in _mtp_copies(cfg.n_layers, cfg.n_mtp_modules).items():
@@ -151,13 +174,16 @@ def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = Fal
 
 def _open_shards(path: Path, stack: contextlib.ExitStack, device) -> dict[str, tuple[str, Any]]:
     """{HF tensor name: (file name, open safe_open handle)} over every shard (headers only)."""
-    listed = _read_json(path / HF_INDEX)["weight_map"] if (path / HF_INDEX).exists() else {}
+    listed = _read_json(path / HF_INDEX).get("weight_map") if (path / HF_INDEX).exists() else {}
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise ValueError(f"{path / HF_INDEX}: 'weight_map' must be an object {{tensor name: file name}}")
     files = sorted(set(listed.values()) if listed else (p.name for p in path.glob("*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
     where: dict[str, tuple[str, Any]] = {}
     for file in files:
-        f = stack.enter_context(safe_open(_need(path / file), framework="pt", device=str(device)))
+        with _reading(path / file, "safetensors file", _SAFETENSORS_ERRORS):
+            f = stack.enter_context(safe_open(_need(path / file), framework="pt", device=str(device)))
         for name in f.keys():
             if name in where:
                 raise ValueError(f"{name}: stored in both {where[name][0]} and {file}")
@@ -168,11 +194,25 @@ def _open_shards(path: Path, stack: contextlib.ExitStack, device) -> dict[str, t
     return where
 
 
-def _rope_pairs_interleaved(hf_cfg: dict[str, Any]) -> bool:
+def _rope_pairs_interleaved(hf_cfg: dict[str, Any], where: Path) -> bool:
     value = hf_cfg.get("rope_interleave", True)  # transformers' default: DeepSeek's (2i, 2i+1) pairs
     if not isinstance(value, bool):
-        raise ValueError(f"rope_interleave: must be true or false, got {value!r}")
+        raise ValueError(f"rope_interleave: must be true or false, got {value!r} (in {where})")
     return value
+
+
+def _hf_config(path: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face directory; another layout is named (with its loader) before any work."""
+    if not (path / CONFIG).exists() and (path / "hf" / CONFIG).exists():
+        raise FileNotFoundError(f"{path}: a lab run directory; its merged model is in {path / 'hf'}")
+    hf_cfg = _read_json(path / CONFIG)
+    if "model" in hf_cfg or (path / TRAINING_STATE).exists():
+        raise ValueError(f"{path}: a dsv3lib checkpoint (config.json has a 'model' entry), not a Hugging Face "
+                         "directory; load it with dsv3lib.checkpoint.load")
+    if not any(key in hf_cfg for key in _HF_FIELDS.values()):
+        raise ValueError(f"{path / CONFIG}: none of DeepSeek-V3's config keys (hidden_size, num_hidden_layers, "
+                         "...); not a Hugging Face DeepSeek-V3 config.json")
+    return hf_cfg
 
 
 def _interleave_rope(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -190,6 +230,21 @@ def _interleave_rope(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tens
     return t
 
 
+def _check_memory(path: Path, where: dict[str, tuple[str, Any]], full: ModelConfig, n_layers: int | None,
+                  dtype: torch.dtype | None, device: torch.device) -> None:
+    """Refuse, from the headers, a model that would not fit in memory (e.g. the 671B release on a laptop)."""
+    keep = n_layers if n_layers is not None else full.n_layers
+    need = 0
+    for hf, (_, f) in where.items():
+        layer = re.match(r"model\.layers\.(\d+)\.", hf)
+        if not (layer and keep <= int(layer[1]) < full.n_layers) and not hf.endswith("_scale_inv"):
+            need += math.prod(f.get_slice(hf).get_shape()) * (dtype or torch.float32).itemsize
+    free, source = _available_memory(device)
+    if need > free:
+        raise MemoryError(f"{path}: loading needs {need / 2**30:,.1f} GiB as {dtype or torch.float32}, more than "
+                          f"the {free / 2**30:,.1f} GiB {source}; load fewer layers (n_layers=) or a smaller dtype")
+
+
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", strict: bool = True,
             n_layers: int | None = None) -> Transformer:
     """Build a Transformer from a Hugging Face DeepSeek-V3 directory (config.json + safetensors shards).
@@ -201,13 +256,24 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     unexpected tensors and zero-fills a missing ``e_score_correction_bias``. ``n_layers``: keep only the
     first blocks (+ MTP).
     """
-    path = Path(path)
-    hf_cfg = _read_json(path / CONFIG)
-    full = ModelConfig.from_hf_config(hf_cfg)
-    block, interleaved = _block_size(hf_cfg), _rope_pairs_interleaved(hf_cfg)
+    device = _check_load_args(device, dtype)
+    path = _checkpoint_dir(path)
+    hf_cfg = _hf_config(path)
+    try:
+        full = ModelConfig.from_hf_config(hf_cfg)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {path / CONFIG})") from e
+    block, interleaved = _block_size(hf_cfg, path / CONFIG), _rope_pairs_interleaved(hf_cfg, path / CONFIG)
     method = hf_cfg.get("topk_method", "noaux_tc")  # only noaux_tc routes with a correction bias
+    if n_layers is not None and not (_positive_int(n_layers) and n_layers <= full.n_layers):
+        raise ValueError(f"n_layers: must be an integer in [1, {full.n_layers}] (the layers of {path / CONFIG}), "
+                         f"got {n_layers!r}")
     with contextlib.ExitStack() as stack:
         where, found, fp8 = _open_shards(path, stack, device), {}, set()
+        if "embed.weight" in where and not any(n.startswith("model.") for n in where):
+            raise ValueError(f"{path}: tensor names of dsv3lib.checkpoint.save (embed.weight, ...), not Hugging "
+                             "Face ones; load it with dsv3lib.checkpoint.load")
+        _check_memory(path, where, full, n_layers, dtype, device)
         if full.n_mtp_modules and not any(n.startswith(f"model.layers.{full.n_layers}.") for n in where):
             full = full.replace(n_mtp_modules=0)
         cfg = full if n_layers is None else full.replace(
@@ -240,9 +306,12 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
             if hf in copies or hf not in to_ours:
                 continue
             found[to_ours[hf]], scale = shape, hf + "_scale_inv"
-            if s.get_dtype().startswith("F8"):  # needs a (⌈out/b⌉, ⌈in/b⌉) scale_inv next to it
+            if not s.get_dtype().startswith("F8"):
+                _check_dtype(label(to_ours[hf]), s.get_dtype(), file)
+            else:  # needs a (⌈out/b⌉, ⌈in/b⌉) scale_inv next to it
                 if scale not in where:
                     raise ValueError(f"{label(to_ours[hf])}: float8 tensor without its {scale}")
+                _check_dtype(scale, where[scale][1].get_slice(scale).get_dtype(), where[scale][0])
                 got = tuple(where[scale][1].get_slice(scale).get_shape())
                 want = _n_blocks(shape, block) if len(shape) == 2 else "a 2-D weight"
                 if got != want:
@@ -259,6 +328,10 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
                 continue
             t = f.get_tensor(hf)
             if hf in fp8:
-                t = weight_dequant(t, where[hf + "_scale_inv"][1].get_tensor(hf + "_scale_inv").float(), block)
+                scale, (scale_file, sf) = hf + "_scale_inv", where[hf + "_scale_inv"]
+                scales = sf.get_tensor(scale).float()
+                check_scales(scales, f"{scale} (in {path / scale_file})")  # 0 or < 0: zeroed or flipped weights
+                t = weight_dequant(t, scales, block)
             tensors[n] = _cast(n, t if interleaved else _interleave_rope(n, t, cfg), dtype)
+            _check_finite(label(n), tensors[n], f"in {path / where[hf][0]}")
     return _materialise(model, tensors, device)

@@ -10,13 +10,22 @@ learning rate, a faster bias update and far fewer steps.
 CLI::
 
     python -m dsv3lib.train --preset tiny --steps 300 --out runs/tiny
+
+Bad settings fail before any training, in one line. A step whose loss or gradient norm is not finite
+stops the run before its update (:class:`FloatingPointError`), leaving the last checkpoint as it was; Ctrl-C
+ends the current step, saves a checkpoint of it and stops (exit status 130 from the command line).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import numbers
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +35,12 @@ import torch
 
 from . import checkpoint
 from .balancing import BiasBalancer, LoadMeter, balance_loss, capture_routing
-from .config import ModelConfig
+from .accounting import param_counts
+from .config import PRESETS, ModelConfig
 from .data import batches, eval_batches, load_corpus, unigram_entropy
 from .model import Transformer, eval_mode, mtp_loss
 
-__all__ = ["TrainConfig", "History", "StepInfo", "train", "evaluate", "lr_at", "make_optimizer", "main"]
+__all__ = ["TrainConfig", "History", "StepInfo", "check_run", "train", "evaluate", "lr_at", "make_optimizer", "main"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        kinds = {"int": numbers.Integral, "float": numbers.Real, "str": str}  # the annotations, as strings
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), kinds.get(f.type, object)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{f.name}: expected {f.type}, got {value!r}")
+            if f.type == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name}: must be finite, got {value}")
         for name in ["steps", "batch_size", "seq_len", "eval_every", "eval_batches"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -68,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.aux_loss not in ("sequence", "batch"):
             raise ValueError(f"aux_loss: must be 'sequence' or 'batch', got {self.aux_loss!r}")
+        for name in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -156,6 +176,48 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=1.0)
 
 
+def check_run(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path | None, resume: bool) -> None:
+    """What :func:`train` would otherwise find out late, as one-line errors: windows longer than the
+    model's positions, an output directory that cannot be written (found at the end of the run) or that
+    holds other files (a checkpoint replaces its directory whole)."""
+    if tcfg.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len: {tcfg.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if resume and out is None:
+        raise ValueError("resume: needs an output directory to resume from")
+    if out is not None:
+        target = checkpoint.check_writable(out)
+        if target.is_dir() and any(target.iterdir()) and not (target / checkpoint.CONFIG).exists():
+            raise ValueError(f"out: {target} holds files but no checkpoint (no {checkpoint.CONFIG}); saving "
+                             "replaces the whole directory, so give a new one")
+
+
+@contextlib.contextmanager
+def _sigint_at_step_end():
+    """While training: a Ctrl-C (SIGINT) is noted in the yielded list and acted on at the end of the step, so
+    the checkpoint saved on it holds a whole step; a second Ctrl-C interrupts at once. Only where Python's
+    own handler is installed (the main thread, not under a handler someone else set)."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield pending
+        return
+
+    def note(signum, frame):
+        pending.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("interrupt: finishing this step, then saving (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield pending
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _kept(out, saved: int | None) -> str:
+    return f"the checkpoint in {out} holds step {saved}" if saved is not None else "no checkpoint was written"
+
+
 def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor | None = None,
           val_tokens: torch.Tensor | None = None, out: str | Path | None = None, resume: bool = False,
           callbacks: Iterable[Callable[[StepInfo], None]] = (), progress: bool = True) -> History:
@@ -167,21 +229,38 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
             ``resume=True`` training continues from the checkpoint there, bit-for-bit as if uninterrupted.
         callbacks: called after every optimizer step with a :class:`StepInfo` (with the step's expert
             loads), after the loss-free balancing update (``tcfg.bias_update_speed``) of the gate biases.
+
+    Raises:
+        FloatingPointError: a step's loss or gradient norm is not finite; raised before that step's update,
+            and ``out`` keeps the last checkpoint written before it.
+        KeyboardInterrupt: Ctrl-C, acted on at the end of the step; a checkpoint of the last whole step is
+            saved to ``out`` first (the message says which).
     """
+    check_run(model.cfg, tcfg, out, resume)
     if train_tokens is None or val_tokens is None:
         corpus = load_corpus()
         train_tokens = corpus.train if train_tokens is None else train_tokens
         val_tokens = corpus.val if val_tokens is None else val_tokens
+    for name, t in [("train_tokens", train_tokens), ("val_tokens", val_tokens)]:
+        if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()):
+            raise ValueError(f"{name}: expected a 1-D tensor of token ids, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else ''}".rstrip())
+        if len(t) < tcfg.seq_len + 1:
+            raise ValueError(f"{name}: {len(t)} tokens, fewer than one window of seq_len + 1 = {tcfg.seq_len + 1}")
     device = model.embed.weight.device
     optimizer = make_optimizer(model, tcfg)
-    history, start = History(), 0
+    history, start, saved = History(), 0, None  # saved: the step of the checkpoint in ``out``
     if resume:
-        if out is None:
-            raise ValueError("resume: needs an output directory to resume from")
         state = checkpoint.load_training_state(out, model, optimizer)
-        start, history = state["step"], History.from_dict(state["extra"]["history"])
-        if state["extra"].get("train") != dataclasses.asdict(tcfg):
-            raise ValueError("resume: the TrainConfig differs from the one the checkpoint was trained with")
+        extra, ours = state["extra"], dataclasses.asdict(tcfg)
+        if not isinstance(extra.get("train"), dict) or not isinstance(extra.get("history"), dict):
+            raise ValueError(f"resume: {out} has no 'train' and 'history' entries in config.json (not written "
+                             "by dsv3lib.train)")
+        for k in [k for k in sorted(set(extra["train"]) | set(ours)) if extra["train"].get(k) != ours.get(k)][:1]:
+            raise ValueError(f"resume: {k} = {extra['train'].get(k)!r} in {out}'s checkpoint, {ours.get(k)!r} "
+                             "now; a run resumes with the TrainConfig it started with")
+        start, history, saved = state["step"], History.from_dict(extra["history"]), state["step"]
     data = batches(train_tokens, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
     for _ in range(start):  # the batch stream is a pure function of (seed, step): skip what was used
         next(data)
@@ -192,49 +271,74 @@ def train(model: Transformer, tcfg: TrainConfig, *, train_tokens: torch.Tensor |
     model.train()
     t0 = time.perf_counter() - history.seconds
     bar = _progress(tcfg.steps, start, progress)
+    done, dirty = start, False  # dirty: between a step's update and the end of its bookkeeping
     try:
-        for step in range(start, tcfg.steps):
-            x, y = (t.to(device) for t in next(data))
-            lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            meter.reset()  # this step's loads only (not the evaluation's)
-            loss, main, depth = _loss(model, x, y, tcfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
-            optimizer.step()
-
-            history.step.append(step + 1)
-            history.loss.append(loss.item())
-            history.main_loss.append(main.item())
-            history.mtp_loss.append([d.item() for d in depth])
-            history.lr.append(lr)
-            history.grad_norm.append(norm.item())
-            info = StepInfo(step + 1, model, optimizer, history, meter.counts())
-            for callback in callbacks:
-                callback(info)
-            done = step + 1
-            if done % tcfg.eval_every == 0 or done == tcfg.steps:
-                history.val_step.append(done)
-                history.val_loss.append(evaluate(model, val_tokens, batch_size=tcfg.batch_size,
-                                                 seq_len=tcfg.seq_len, max_batches=tcfg.eval_batches))
-                bar.set_postfix(loss=f"{history.main_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
-            history.seconds = time.perf_counter() - t0
-            periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
-            if out is not None and (done == tcfg.steps or periodic):
-                checkpoint.save_training_state(out, model, optimizer, step=done,
-                                               extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
-            bar.update(1)
+        with _sigint_at_step_end() as interrupted:
+            for step in range(start, tcfg.steps):
+                x, y = (t.to(device) for t in next(data))
+                lr = lr_at(step, tcfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                meter.reset()  # this step's loads only (not the evaluation's)
+                loss, main, depth = _loss(model, x, y, tcfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+                if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+                    raise FloatingPointError(
+                        f"step {step + 1}: loss {loss.item()}, gradient norm {norm.item()} (lr {lr:.3g}); stopped "
+                        f"before its update, {_kept(out, saved)}")
+                dirty = True
+                optimizer.step()
+                _record(history, step, loss, main, depth, lr, norm)
+                info = StepInfo(step + 1, model, optimizer, history, meter.counts())
+                for callback in callbacks:
+                    callback(info)
+                done = step + 1
+                if done % tcfg.eval_every == 0 or done == tcfg.steps:
+                    val = evaluate(model, val_tokens, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
+                                   max_batches=tcfg.eval_batches)
+                    history.val_step.append(done)
+                    history.val_loss.append(val)
+                    bar.set_postfix(loss=f"{history.main_loss[-1]:.3f}", val=f"{val:.3f}")
+                history.seconds = time.perf_counter() - t0
+                dirty = False
+                periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
+                if out is not None and (done == tcfg.steps or periodic):
+                    _save(out, model, optimizer, done, tcfg, history)
+                    saved = done
+                bar.update(1)
+                if interrupted:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        if out is not None and not dirty and saved != done:
+            _save(out, model, optimizer, done, tcfg, history)
+            saved = done
+        where = f"during step {step + 1}'s update" if dirty else f"after step {done}"
+        raise KeyboardInterrupt(f"interrupted {where}; {_kept(out, saved)}") from e
     finally:  # also when a step raises: no hook stays on the gates
         bar.close()
         meter.close()
     return history
 
 
+def _record(history: History, step: int, loss, main, depth, lr: float, norm) -> None:
+    history.step.append(step + 1)
+    history.loss.append(loss.item())
+    history.main_loss.append(main.item())
+    history.mtp_loss.append([d.item() for d in depth])
+    history.lr.append(lr)
+    history.grad_norm.append(norm.item())
+
+
+def _save(out, model: Transformer, optimizer, step: int, tcfg: TrainConfig, history: History) -> None:
+    checkpoint.save_training_state(out, model, optimizer, step=step,
+                                   extra={"train": dataclasses.asdict(tcfg), "history": history.to_dict()})
+
+
 def main(argv: list[str] | None = None) -> History:
     p = argparse.ArgumentParser(prog="python -m dsv3lib.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help="ModelConfig preset (default: tiny)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="ModelConfig preset (default: tiny)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -247,15 +351,54 @@ def main(argv: list[str] | None = None) -> History:
         default = getattr(TrainConfig, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     args = p.parse_args(argv)
-    tcfg = TrainConfig(steps=args.steps, **{k: getattr(args, k) for k in knobs})
+    cfg, tcfg = _check_args(p, args, knobs)
     torch.manual_seed(tcfg.seed)
-    model = Transformer(ModelConfig.preset(args.preset)).to(args.device)
+    model = Transformer(cfg).to(args.device)
     corpus = load_corpus()
-    history = train(model, tcfg, out=args.out, resume=args.resume)
+    try:
+        history = train(model, tcfg, out=args.out, resume=args.resume)
+    except KeyboardInterrupt as e:
+        p.exit(130, f"{p.prog}: {e}\n")
+    except (FloatingPointError, ValueError, OSError) as e:  # a bad checkpoint to resume, a diverged run
+        p.exit(1, f"{p.prog}: error: {e}\n")
     h = unigram_entropy(corpus.train)
     print(f"steps {tcfg.steps}  time {history.seconds:.1f} s  train loss {history.main_loss[-1]:.3f}  "
           f"val loss {history.val_loss[-1]:.3f} nats  (unigram entropy {h:.3f})  checkpoint {args.out}")
     return history
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace, knobs: list[str]):
+    """Every argument checked before a model is built: one ``usage … error:`` line (exit status 2) each."""
+    def flag(msg: str) -> str:  # TrainConfig's "seq_len: ..." as "--seq-len: ..."
+        field, sep, rest = msg.partition(":")
+        return f"--{field.replace('_', '-')}{sep}{rest}" if field in [*knobs, "steps", "out"] else msg
+
+    try:
+        tcfg = TrainConfig(steps=args.steps, **{k: getattr(args, k) for k in knobs})
+        cfg = ModelConfig.preset(args.preset)
+    except ValueError as e:
+        p.error(flag(str(e)))
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        p.error(f"--device {args.device}: not usable here ({(str(e).splitlines() or [''])[0]})")
+    params = (lambda c: c["total"] + c["mtp_total"])(param_counts(cfg))
+    need = 16 * params  # fp32 weights, gradients and AdamW's two moments; activations come on top
+    free, source = checkpoint._available_memory(device)
+    if need > free:
+        p.error(f"--preset {args.preset}: {params / 1e9:,.1f}B parameters need {need / 2**30:,.0f} GiB to train "
+                f"(16 bytes each: fp32 weights, gradients, AdamW moments), more than the {free / 2**30:,.1f} GiB "
+                f"{source}")
+    try:
+        checkpoint.check_writable(args.out)
+    except (ValueError, OSError) as e:
+        p.error(f"--out: {e}")
+    try:
+        check_run(cfg, tcfg, args.out, args.resume)
+    except ValueError as e:
+        p.error(flag(str(e)))
+    return cfg, tcfg
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write_dir
+from ..checkpoint import atomic_write_dir, recover
 from ..config import ModelConfig
 from ..hf import save_hf
 from ..model import Gate, Transformer
@@ -80,6 +80,10 @@ def load_shards(runner: ParallelRunner, optimizer: torch.optim.Optimizer, direct
     ``expect``: the meta entries that must match (config, layout); one line naming the first that does not.
     Returns the checkpoint's meta (step, history)."""
     directory = Path(directory)
+    try:
+        recover(directory)  # a save that crashed between its renames left the newest copy beside the target
+    except OSError:
+        pass  # another rank moved it back first
     path = directory / META
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {directory} holds no lab checkpoint ({META} missing)")

@@ -67,10 +67,27 @@ class LabConfig:
     log_every: int = 0  # instead of the bar: one printed line every this many steps (0: none)
 
     def __post_init__(self):
+        flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731  (the command line's spelling)
+        for name in ("pp", "ep", "dp", "n_micro", "micro_rows", "seq_len", "steps", "val_every", "ckpt_every",
+                     "seed", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{flag(name)}: expected an integer, got {value!r}")
+        for name in ("lr", "gamma", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{flag(name)}: expected a finite number, got {value!r}")
         self.n_micro = self.n_micro or 2 * self.pp
-        for name in ("steps", "micro_rows", "seq_len"):
+        for name in ("pp", "ep", "dp", "n_micro", "steps", "micro_rows", "seq_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)}: must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "ckpt_every", "log_every", "gamma", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr: must be > 0, got {self.lr}")
+        if self.out is not None and not str(self.out).strip():
+            raise ValueError(f"--out: {self.out!r} names no directory (leave it out to save nothing)")
         if self.resume and not self.out:
             raise ValueError("--resume: needs --out (the directory to resume from)")
 
@@ -169,60 +186,76 @@ def run(cfg: LabConfig, log=print) -> LabHistory:
                             weight_decay=tcfg.weight_decay)
     meter = LoadMeter(_rank_gates(runner))  # counts every micro-batch's routing until reset()
     balancer = BiasBalancer(_rank_gates(runner), cfg.gamma) if cfg.gamma > 0 else None
-    hist, start = LabHistory(), 0
+    hist, start, saved = LabHistory(), 0, None  # saved: the step of the checkpoint in out/shards
     expect = {"config": mcfg.to_dict(), "layout": cfg.layout_meta()}
     if cfg.resume:
         meta = shards.load_shards(runner, opt, f"{cfg.out}/shards", expect)
         start, hist = meta["step"], LabHistory(**meta["history"])
+        saved = start
     corpus = load_corpus()
     rows = layout.n_replicas * cfg.n_micro * cfg.micro_rows
     data = batches(corpus.train, rows, cfg.seq_len, seed=cfg.seed)  # the same stream on every rank
     for _ in range(start):
         next(data)
     bar = _progress(cfg, start) if dist.get_rank() == 0 and cfg.progress else None
-    for step in range(start, cfg.steps):
-        x, y = (t.to(device()) for t in next(data))
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        runner.set_mtp_lambda(mtp_lambda_at(step, cfg.steps))
-        opt.zero_grad(set_to_none=True)
-        meter.reset()
-        loss = runner.step(x, y).item()
-        _clip(runner, cfg.grad_clip)
-        opt.step()
-        vio = _balance(runner, meter, balancer, hist)
-        hist.steps.append(step + 1)
-        hist.loss.append(loss)
-        hist.main_loss.append(runner.last_parts[0].item())
-        hist.mtp_loss.append(runner.last_parts[1].item())
-        hist.max_vio.append(vio)
-        hist.seconds.append(time.perf_counter() - t0)
+    try:
+        for step in range(start, cfg.steps):
+            x, y = (t.to(device()) for t in next(data))
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tcfg)
+            runner.set_mtp_lambda(mtp_lambda_at(step, cfg.steps))
+            opt.zero_grad(set_to_none=True)
+            meter.reset()
+            loss = runner.step(x, y).item()
+            norm = _clip(runner, cfg.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # equal on every rank: all stop here
+                raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {norm}; stopped before its "
+                                         f"update, {_kept(cfg, saved)}")
+            opt.step()
+            vio = _balance(runner, meter, balancer, hist)
+            hist.steps.append(step + 1)
+            hist.loss.append(loss)
+            hist.main_loss.append(runner.last_parts[0].item())
+            hist.mtp_loss.append(runner.last_parts[1].item())
+            hist.max_vio.append(vio)
+            hist.seconds.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{x.numel() / hist.seconds[-1]:,.0f}", refresh=False)
+                bar.update(1)
+            if cfg.log_every and dist.get_rank() == 0 and (step + 1) % cfg.log_every == 0:
+                log(f"step {step + 1}/{cfg.steps}: loss {loss:.4f} (main {hist.main_loss[-1]:.4f}, MTP "
+                    f"{hist.mtp_loss[-1]:.4f}), MaxVio {vio:.2f}, {x.numel() / hist.seconds[-1]:,.0f} tokens/s")
+            done = step + 1 == cfg.steps
+            if cfg.val_every and ((step + 1) % cfg.val_every == 0 or done):
+                full = shards.merge(runner, mcfg)
+                val = [evaluate(full, corpus.val, batch_size=8, seq_len=cfg.seq_len, max_batches=4)] if full else [0.0]
+                dist.broadcast_object_list(val, src=0)
+                hist.val_steps.append(step + 1)
+                hist.val_loss.append(val[0])
+                if dist.get_rank() == 0:
+                    (bar.write if bar is not None else log)(f"step {step + 1}: validation loss {val[0]:.4f}")
+            if cfg.out and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or done):
+                meta = {**expect, "step": step + 1, "history": asdict(hist)}
+                shards.save_shards(runner, opt, f"{cfg.out}/shards", meta)
+                saved = step + 1
+    except KeyboardInterrupt as e:  # each rank stops where it is: no collective save (peers may be mid-step)
+        raise KeyboardInterrupt(f"interrupted; {_kept(cfg, saved)}") from e
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{x.numel() / hist.seconds[-1]:,.0f}", refresh=False)
-            bar.update(1)
-        if cfg.log_every and dist.get_rank() == 0 and (step + 1) % cfg.log_every == 0:
-            log(f"step {step + 1}/{cfg.steps}: loss {loss:.4f} (main {hist.main_loss[-1]:.4f}, MTP "
-                f"{hist.mtp_loss[-1]:.4f}), MaxVio {vio:.2f}, {x.numel() / hist.seconds[-1]:,.0f} tokens/s")
-        done = step + 1 == cfg.steps
-        if cfg.val_every and ((step + 1) % cfg.val_every == 0 or done):
-            full = shards.merge(runner, mcfg)
-            val = [evaluate(full, corpus.val, batch_size=8, seq_len=cfg.seq_len, max_batches=4)] if full else [0.0]
-            dist.broadcast_object_list(val, src=0)
-            hist.val_steps.append(step + 1)
-            hist.val_loss.append(val[0])
-            if dist.get_rank() == 0:
-                (bar.write if bar is not None else log)(f"step {step + 1}: validation loss {val[0]:.4f}")
-        if cfg.out and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or done):
-            shards.save_shards(runner, opt, f"{cfg.out}/shards", {**expect, "step": step + 1, "history": asdict(hist)})
-    if bar is not None:
-        bar.close()
+            bar.close()
     timeline = runner.pipeline.gather_events()  # the last step's measured timeline, every pipeline rank
     if cfg.out:
         shards.save_merged(runner, mcfg, f"{cfg.out}/hf", fp8=True)
         if dist.get_rank() == 0:
             torch.save({"timeline": timeline, "schedule": runner.pipeline.schedule}, f"{cfg.out}/timeline.pt")
     return hist
+
+
+def _kept(cfg: LabConfig, saved: int | None) -> str:
+    if saved is None:
+        return "no checkpoint was written"
+    return f"the checkpoint in {cfg.out}/shards holds step {saved} (--resume continues from it)"
 
 
 def _progress(cfg: LabConfig, start: int):
