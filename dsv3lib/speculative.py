@@ -69,7 +69,10 @@ class SpecStats:
     main_forwards: int = 0  # forward passes of the main model, prefill included
     new_tokens: int = 0
     seconds: float = 0.0
-    sources: list[str] = field(default_factory=list)  # per new token: "draft" (accepted) or "main"
+    # per new token, who produced it: "draft" (an accepted draft), "correction" (the main model's token in place
+    # of a rejected draft), "bonus" (the main model's token after a round whose drafts were all accepted), or
+    # "main" (the main model's token with no draft before it: the first new token, or a round without drafts)
+    sources: list[str] = field(default_factory=list)
 
     @property
     def acceptance(self) -> list[float]:
@@ -182,7 +185,7 @@ def _accept(sampler: _Sampler, drafts: list[int], draft_probs: list[torch.Tensor
         ok, target = sampler.check(logits[j], d, draft_probs[j])
         if not ok:
             new.append(target)
-            stats.sources.append("main")
+            stats.sources.append("correction")
             break
         stats.accepted[j] += 1
         new.append(d)
@@ -191,7 +194,7 @@ def _accept(sampler: _Sampler, drafts: list[int], draft_probs: list[torch.Tensor
             break
     else:  # every draft accepted (none was eos): the main model's token after them comes free
         new.append(sampler.choose(logits[len(drafts)])[0])
-        stats.sources.append("main")
+        stats.sources.append("bonus" if drafts else "main")
     if eos_id is not None and eos_id in new:
         new = new[:new.index(eos_id) + 1]
         del stats.sources[n_before + len(new):]

@@ -63,7 +63,11 @@ def test_stats_add_up(trained):
     tokens, stats = speculative_generate(trained, prompt, 30, depth=2)
     assert stats.new_tokens == tokens.size(1) - 16 == 30
     assert stats.sources.count("draft") == sum(stats.accepted)
-    assert stats.sources.count("main") == stats.main_forwards  # every main forward yields one token of its own
+    own = [src for src in stats.sources if src != "draft"]
+    assert len(own) == stats.main_forwards  # every main forward yields one token of its own
+    assert own[0] == "main" and set(own) <= {"main", "correction", "bonus"}
+    # a round stops at its first rejected draft, so each rejection is one correction
+    assert own.count("correction") == sum(stats.proposed) - sum(stats.accepted)
     assert stats.tokens_per_forward == pytest.approx(30 / stats.main_forwards)
     assert all(0 <= a <= 1 for a in stats.acceptance)
 
