@@ -14,7 +14,7 @@ import torch
 from ..dispatch import use_triton
 from . import quant
 
-__all__ = ["act_quant", "weight_quant", "fp8_gemm"]
+__all__ = ["act_quant", "weight_quant", "fp8_gemm", "wgrad"]
 
 _NEEDS = dict(min_capability=(8, 9), what="FP8 tensor cores (tl.dot on float8_e4m3fn)")
 
@@ -49,3 +49,11 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         from . import kernels
         return kernels.fp8_gemm(a, a_s, b, b_s, block_size=block_size, out_dtype=out_dtype)
     return quant.fp8_gemm_ref(a, a_s, b, b_s, block_size=block_size, out_dtype=out_dtype)
+
+
+def wgrad(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128) -> torch.Tensor:
+    """dW (n, K) from a tokens-last stack [dyᵀ; xᵀ] (see :func:`dsv3lib.fp8.quant.wgrad_ref`): the Triton GEMM
+    where :func:`fp8_gemm` would take it, else the reference's batched form (the same bits as its loop)."""
+    if use_triton(tq, **_NEEDS):
+        return fp8_gemm(tq[:n], ts[:n], tq[n:], ts[n:], block_size=block_size)
+    return quant.wgrad_ref(tq, ts, n, block_size)

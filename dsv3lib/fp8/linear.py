@@ -91,7 +91,7 @@ class FP8LinearFunction(torch.autograd.Function):
                 # dyᵀ (N, Mp) and xᵀ (K, Mp) stacked: the same tiles along tokens, so one quantiser call for both
                 # (x_hp is finite by construction: only dy can hold a NaN)
                 tq, ts = gemm.act_quant(_tokens_last([dy2, x_hp], bs), bs, name="FP8Linear grad_output")
-                dw = gemm.fp8_gemm(tq[:N], ts[:N], tq[N:], ts[N:], block_size=bs)  # (N, K) fp32 for the master W
+                dw = gemm.wgrad(tq, ts, N, bs)  # (N, K) fp32 for the master W: dyᵀ tiles · xᵀ tiles
             if dw is not None:
                 dw = dw.to(w_dtype)
             if need_b:
