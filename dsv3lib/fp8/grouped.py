@@ -22,13 +22,14 @@ from torch import nn
 
 from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
+from .gemm import _NEEDS
 from .linear import FP8Linear
-from .quant import _cast, _group_scales, _groups, act_dequant, act_quant_ref, expand_b_scales, fp8_to_float
+from .quant import (_cast, _group_scales, _groups, act_dequant, act_quant_ref, expand_b_scales, fp8_to_float,
+                    tile_products)
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
 
 _ALIGN = 64  # bytes: the CPU allocator's alignment, which every GEMM operand of the per-expert path had
-_NEEDS = dict(min_capability=(8, 9), what="FP8 tensor cores (tl.dot on float8_e4m3fn)")
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -129,10 +130,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     t[:N, c:c + r1 - r0] = dy2[r0:r1].t()
                     t[N:, c:c + r1 - r0] = x_hp[r0:r1].t()
             tq, ts = act_quant_ref(t, bs, name="FP8 experts grad_output")  # (N + K, Σ Mp), (N + K, Σ Mp/128)
-            full = fp8_to_float(tq.unflatten(1, (-1, bs)).transpose(0, 1))  # (tiles, N + K, bs): every tile whole
-            # each tile's dyᵀ·x product in one batched GEMM (as its own mm would give), times its two scales
-            parts = torch.bmm(full[:, :N], full[:, N:].transpose(1, 2))  # (tiles, N, K)
-            parts.mul_(ts[:N].t().unsqueeze(-1)).mul_(ts[N:].t().unsqueeze(1))
+            parts = tile_products(tq, ts, N, bs)  # (tiles, N, K): every tile whole, its own scaled product
             experts = [e for e in range(len(spans)) if need[e]]
             first = torch.tensor([starts[e] // bs for e in experts])
             n_tiles = torch.tensor([width[e] // bs for e in experts])

@@ -28,7 +28,7 @@ from .formats import FP8_DTYPE, FP8_MAX
 
 __all__ = ["check_finite", "check_block_size", "check_scales", "check_tensor", "compute_scale", "fp8_to_float",
            "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_dequant", "weight_quant_ref",
-           "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "wgrad_ref"]
+           "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "tile_products", "wgrad_ref"]
 
 _TABLE: torch.Tensor | None = None  # the FP32 value of each of the 256 E4M3 bytes (CPU), made on first use
 
@@ -323,6 +323,15 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     return acc if len(lead) == 1 else acc.reshape(*lead, N)
 
 
+def tile_products(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128) -> torch.Tensor:
+    """Each token tile's scaled product for a tokens-last stack [dyᵀ; xᵀ] (see :func:`wgrad_ref`): (tiles, n, K),
+    tile j = (dyᵀ tile j)(xᵀ tile j)ᵀ · its two scales, from one decode and one batched GEMM (the same bits as
+    a separate mm per tile)."""
+    full = fp8_to_float(tq.unflatten(1, (-1, block_size)).transpose(0, 1))  # (tiles, n + K, bs)
+    parts = torch.bmm(full[:, :n], full[:, n:].transpose(1, 2))  # (tiles, n, K): as each tile's own mm gives
+    return parts.mul_(ts[:n].t().unsqueeze(-1)).mul_(ts[n:].t().unsqueeze(1))
+
+
 def wgrad_ref(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128) -> torch.Tensor:
     """Wgrad from a tokens-last stack: ``fp8_gemm_ref(tq[:n], ts[:n], tq[n:], ts[n:])``, the same bits, with one
     decode of the stack and one batched GEMM over its token tiles instead of a loop of both.
@@ -338,9 +347,7 @@ def wgrad_ref(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128)
     if tq.dim() != 2 or tq.shape[1] % block_size or ts.shape != (tq.shape[0], tq.shape[1] // block_size):
         raise ValueError(f"wgrad_ref: tq (rows, Mp) with Mp a multiple of {block_size} and ts (rows, Mp/"
                          f"{block_size}) expected, got {tuple(tq.shape)} and {tuple(ts.shape)}")
-    full = fp8_to_float(tq.unflatten(1, (-1, block_size)).transpose(0, 1))  # (tiles, n + K, bs)
-    parts = torch.bmm(full[:, :n], full[:, n:].transpose(1, 2))  # (tiles, n, K): as each tile's own mm gives
-    parts.mul_(ts[:n].t().unsqueeze(-1)).mul_(ts[n:].t().unsqueeze(1))
+    parts = tile_products(tq, ts, n, block_size)
     acc = parts[0].add_(0.0)  # as if the accumulator had started at zero
     for i in range(1, parts.shape[0]):
         acc.add_(parts[i])
