@@ -103,3 +103,28 @@ def test_when_the_grouped_path_applies():
     assert grouped_experts(fp8, x, [2, 4]) is None
     with pytest.raises(ValueError, match="counts"):
         fp8_grouped_linear(x, [2, 3], [fp8[0].w1.weight, fp8[1].w1.weight])
+
+
+def test_block_dgrad_experts_take_the_per_expert_path():
+    """App. B.2's option lives in FP8LinearFunction only: experts that use it must not be grouped."""
+    from dsv3lib.config import ModelConfig
+    from dsv3lib.fp8 import convert_to_fp8
+    from dsv3lib.fp8.grouped import grouped_experts
+    from dsv3lib.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    tile, block = Transformer(cfg), Transformer(cfg)
+    block.load_state_dict(tile.state_dict())
+    convert_to_fp8(tile)
+    convert_to_fp8(block, dgrad_quant="block")
+    moe = next(m for m in block.modules() if hasattr(m, "experts"))
+    x = torch.randn(12, cfg.dim)
+    assert grouped_experts(moe.experts, x, [12] + [0] * (len(moe.experts) - 1)) is None
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    grads = []
+    for m in (tile, block):
+        m(tokens)[0].float().square().mean().backward()
+        grads.append(next(p.grad for n, p in m.named_parameters() if "experts" in n and "w1" in n
+                          and p.grad is not None))
+    assert not torch.equal(*grads)  # the experts' input gradients (so upstream dW) changed

@@ -127,3 +127,62 @@ def test_fp8_training_tracks_fp32_training():
     assert losses[True] != losses[False]  # and really ran in FP8
     assert abs(losses[True][0] - losses[False][0]) / losses[False][0] < 0.005  # same weights, FP8 forward
     assert abs(losses[True][-1] - losses[False][-1]) / losses[False][-1] < 0.02
+
+
+def _block_dequant_by_hand(t, bs=128):
+    """An independent 128×128-block E4M3 round trip: each block scaled so its amax maps to 448."""
+    out = torch.empty_like(t)
+    for i in range(0, t.shape[0], bs):
+        for j in range(0, t.shape[1], bs):
+            blk = t[i:i + bs, j:j + bs]
+            s = blk.abs().amax().clamp_min(1e-12) / 448.0
+            out[i:i + bs, j:j + bs] = (blk / s).to(torch.float8_e4m3fn).float() * s
+    return out
+
+
+@pytest.mark.parametrize("M,K,N", [(256, 256, 384), (100, 200, 72), (300, 128, 256)])
+def test_block_dgrad_is_the_block_scaled_gemm(M, K, N):
+    torch.manual_seed(2)
+    tile = FP8Linear(K, N, bias=False)
+    block = FP8Linear.from_linear(tile, dgrad_quant="block")
+    x, dy = torch.randn(M, K), torch.randn(M, N)
+    _, dx_t, dw_t = _grads_nobias(tile, x, dy)
+    _, dx_b, dw_b = _grads_nobias(block, x, dy)
+    wq, ws = weight_quant_ref(tile.weight.detach())
+    want = _block_dequant_by_hand(dy).double() @ weight_dequant(wq, ws).double()
+    assert torch.allclose(dx_b.double(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(dx_b, dx_t)  # the option reaches Dgrad ...
+    assert torch.equal(dw_b, dw_t)  # ... and only Dgrad: Wgrad keeps its 128×1 tiles
+
+
+def _grads_nobias(layer, x, dy):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.weight.grad.clone()
+
+
+def test_block_dgrad_loses_the_small_tokens_next_to_an_outlier_token():
+    """App. B.2's mechanism: one token's large gradient sets its whole block's scale."""
+    torch.manual_seed(3)
+    tile = FP8Linear(256, 256, bias=False)
+    block = FP8Linear.from_linear(tile, dgrad_quant="block")
+    x, dy = torch.randn(128, 256), torch.randn(128, 256) * 1e-3
+    dy[5] *= 1e5  # one token's gradient 10⁵× the others'
+    ref = dy.double() @ tile.weight.detach().double()
+    quiet = torch.arange(128) != 5
+    err = {}
+    for name, layer in (("tile", tile), ("block", block)):
+        dx = _grads_nobias(layer, x, dy)[1]
+        err[name] = _rel(dx[quiet], ref[quiet])
+    assert err["tile"] < 0.06 and err["block"] > 0.25  # 4% vs 35%: the quiet tokens sit in the subnormals
+
+
+def test_dgrad_quant_is_checked():
+    with pytest.raises(ValueError, match="dgrad_quant"):
+        FP8Linear(128, 128, dgrad_quant="blocks")
+    with pytest.raises(ValueError, match="dgrad_quant"):
+        convert_to_fp8(nn.Sequential(nn.Linear(128, 128)), dgrad_quant="128x128")
+    m = convert_to_fp8(nn.Sequential(nn.Linear(128, 128)), dgrad_quant="block")
+    assert m[0].dgrad_quant == "block" and "dgrad_quant='block'" in repr(m)

@@ -168,12 +168,13 @@ def fp8_grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.T
 def grouped_experts(experts: nn.ModuleList, x: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
     """The routed experts' SwiGLU, ``w2(silu(w1 x) · w3 x)``, for rows grouped by expert, as three grouped FP8
     calls — or None when the per-expert calls must run: on the Triton path, with no rows at all, or unless every expert's w1, w2
-    and w3 are bias-free :class:`FP8Linear` layers with one block size."""
+    and w3 are bias-free :class:`FP8Linear` layers with one block size and the paper's Dgrad tiles."""
     layers = [(e.w1, e.w2, e.w3) for e in experts]
     if not layers or sum(counts) == 0 or use_triton(x, **_NEEDS):  # no rows: the caller's own corner case
         return None
     bs = layers[0][0].block_size if type(layers[0][0]) is FP8Linear else None
-    if not all(type(m) is FP8Linear and m.bias is None and m.block_size == bs for trio in layers for m in trio):
+    if not all(type(m) is FP8Linear and m.bias is None and m.block_size == bs and m.dgrad_quant == "tile"
+               for trio in layers for m in trio):
         return None
     w1, w2, w3 = ([trio[i].weight for trio in layers] for i in range(3))
     h = F.silu(fp8_grouped_linear(x, counts, w1, bs)) * fp8_grouped_linear(x, counts, w3, bs)

@@ -16,6 +16,11 @@ The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled a
 optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
 the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
 
+``dgrad_quant="block"`` quantises dy for Dgrad in ``block_size``×``block_size`` blocks (tokens × out-features)
+instead of 1×128 tiles: the variant V3 Appendix B.2 reports diverging on a ~16B MoE (activation gradients are
+imbalanced across tokens, so one token's outlier sets the scale of 127 others). It exists for that experiment
+(chapter 1); the default ``"tile"`` is what the paper trains with. Wgrad keeps its 128×1 tiles either way.
+
 Zero-bubble pipelines (chapter 5) run Wgrad later: if a forward runs while a weight-gradient sink is set
 (:mod:`dsv3lib.wgrad`; ``WeightGradStore.capture`` sets it), the backward returns dx and pushes the Wgrad
 (and bias-grad) computation to the sink, which adds the same dW into ``.grad`` when it runs.
@@ -32,7 +37,22 @@ from torch import nn
 from ..wgrad import accumulate, current_sink
 from . import gemm, quant
 
-__all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear"]
+__all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear", "DGRAD_QUANT"]
+
+DGRAD_QUANT = ("tile", "block")  # how dy is scaled for Dgrad: 1×128 tiles (the paper) or 128×128 blocks (App. B.2)
+
+
+def check_dgrad_quant(dgrad_quant: str) -> str:
+    if dgrad_quant not in DGRAD_QUANT:
+        raise ValueError(f"dgrad_quant: expected one of {DGRAD_QUANT}, got {dgrad_quant!r}")
+    return dgrad_quant
+
+
+def _block_quant_rows(dy: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy (M, N) quantised in bs×bs blocks, its scales written out per row as (M, ceil(N/bs)) tile scales:
+    every row of a block carries that block's scale, so the tile-scaled GEMM computes the block-scaled one."""
+    q, s = gemm.weight_quant(dy, bs, name="FP8Linear grad_output")  # (M, N), (ceil(M/bs), ceil(N/bs))
+    return q, s.repeat_interleave(bs, dim=0)[:dy.shape[0]]
 
 
 def _tokens_last(ts: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -53,7 +73,8 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x Wᵀ (+ b) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs (FP32 accumulation)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int,
+                dgrad_quant: str = "tile"):
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
         xq, xs = gemm.act_quant(x2, block_size, name="FP8Linear input")  # (M, K), (M, K/128)
@@ -62,6 +83,7 @@ class FP8LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
         ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.dgrad_quant = dgrad_quant
         ctx.block_size, ctx.has_bias, ctx.x_shape, ctx.w_dtype = block_size, bias is not None, x.shape, weight.dtype
         leaves = isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter))
         ctx.sink = current_sink() if leaves else None  # a zero-bubble B: Wgrad may wait for W
@@ -76,7 +98,10 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N).float()  # (M, N)
         dx = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W; Wᵀ's blocks are W's blocks transposed
-            dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
+            if ctx.dgrad_quant == "block" and dy2.shape[0]:
+                dyq, dys = _block_quant_rows(dy2, bs)
+            else:
+                dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
             dx = gemm.fp8_gemm(dyq, dys, wq.t(), ws.t(), block_size=bs)  # (M, K); Wᵀ (K, N) as a view
             dx = dx.to(dy.dtype).reshape(ctx.x_shape)
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
@@ -109,35 +134,37 @@ class FP8LinearFunction(torch.autograd.Function):
                     accumulate(bias, db.to(bias.dtype))
 
             if store.push(later):
-                return dx, None, None, None
+                return dx, None, None, None, None
         dw, db = grads()
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               block_size: int = 128) -> torch.Tensor:
+               block_size: int = 128, dgrad_quant: str = "tile") -> torch.Tensor:
     """Functional form of :class:`FP8Linear`."""
-    return FP8LinearFunction.apply(x, weight, bias, block_size)
+    return FP8LinearFunction.apply(x, weight, bias, block_size, check_dgrad_quant(dgrad_quant))
 
 
 class FP8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` whose forward and backward GEMMs are block-scaled FP8.
 
     ``weight`` (and ``bias``) are ordinary FP32 parameters — the master copy the optimizer sees; the
-    gradient arriving in ``weight.grad`` is the FP32 output of the Wgrad GEMM.
+    gradient arriving in ``weight.grad`` is the FP32 output of the Wgrad GEMM. ``dgrad_quant``: see the module
+    docstring ("tile", the paper's; "block", App. B.2's diverging variant).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 128,
-                 device=None, dtype=torch.float32):
+                 dgrad_quant: str = "tile", device=None, dtype=torch.float32):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.block_size = block_size
+        self.block_size, self.dgrad_quant = block_size, check_dgrad_quant(dgrad_quant)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 128) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, block_size: int = 128, dgrad_quant: str = "tile") -> FP8Linear:
         """An FP8Linear sharing ``linear``'s parameters (made FP32 if they are not already)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features, new.block_size = linear.in_features, linear.out_features, block_size
+        new.dgrad_quant = check_dgrad_quant(dgrad_quant)
         w = linear.weight
         new.weight = w if w.dtype == torch.float32 else nn.Parameter(w.detach().float())
         b = linear.bias
@@ -145,22 +172,25 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.block_size)
+        return fp8_linear(x, self.weight, self.bias, self.block_size, self.dgrad_quant)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", block_size={self.block_size}"
+        extra = "" if self.dgrad_quant == "tile" else f", dgrad_quant={self.dgrad_quant!r}"
+        return super().extra_repr() + f", block_size={self.block_size}" + extra
 
 
 DEFAULT_SKIP = ("head", "*.head", "*embed*", "*gate*")
 
 
-def convert_to_fp8(model: nn.Module, *, skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 128) -> nn.Module:
+def convert_to_fp8(model: nn.Module, *, skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 128,
+                   dgrad_quant: str = "tile") -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for an :class:`FP8Linear` sharing its parameters, in place.
 
     What the paper keeps in high precision stays as it is (V3 §3.3.1): the embedding (an ``nn.Embedding``),
     the output head (the Linear named ``head``, matched by ``skip``), the MoE router (``Gate`` uses
     ``F.linear`` on its own weight, not an ``nn.Linear``), norms and attention operators (not Linears).
-    ``skip``: fnmatch patterns on qualified module names. Call it before creating the optimizer.
+    ``skip``: fnmatch patterns on qualified module names; ``dgrad_quant``: see :class:`FP8Linear`. Call it
+    before creating the optimizer.
     Returns the model; ``model.fp8_converted`` lists the swapped names.
 
     A MoE's ``routed_grouped`` path multiplies the stacked expert weights directly (``torch._grouped_mm``),
@@ -170,14 +200,14 @@ def convert_to_fp8(model: nn.Module, *, skip: Iterable[str] = DEFAULT_SKIP, bloc
     if grouped:
         raise ValueError(f"convert_to_fp8: {grouped[0]}.grouped_mm is True; its grouped GEMMs would bypass "
                          "FP8Linear. Set grouped_mm = False to train the experts in FP8")
-    skip = tuple(skip)
+    skip, dgrad_quant = tuple(skip), check_dgrad_quant(dgrad_quant)
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is not nn.Linear or any(fnmatch.fnmatchcase(full, p) for p in skip):
                 continue
-            setattr(module, child_name, FP8Linear.from_linear(child, block_size))
+            setattr(module, child_name, FP8Linear.from_linear(child, block_size, dgrad_quant))
             converted.append(full)
     model.fp8_converted = converted
     return model
