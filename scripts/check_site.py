@@ -16,8 +16,13 @@ into _build/screenshots/ by default) and checked for:
   broken-link       a link to a local page that does not exist, or to an anchor that page does not have
   harness-text      a code cell that shows a test-harness comment (# NBVAL_IGNORE_OUTPUT: use a cell tag instead,
                     scripts/nbval_tags.py)
+  small-text        a figure shown so small that its smallest text (MIN_FIGURE_FONT_PT, the least any figure of the
+                    book sets: tests/test_figure_fonts.py) is under MIN_TEXT_PX CSS pixels; the size comes from the
+                    PNG's resolution (its pHYs dpi) and how wide the page shows it
   repeated-title    a page title that says the same thing twice ("DeepSeek-V3, built — DeepSeek-V3, built")
   load-error        the page did not load (or a check could not run in it)
+
+Pages are checked in a 1280×900 window (--viewport), the width the site is designed for.
 
 Exit status 0 when no page has a problem, 1 otherwise (2 when Chromium or Playwright is missing).
 Chromium is the system one (Debian: apt-get install chromium); Playwright drives it, with no browser download:
@@ -32,17 +37,23 @@ import html.parser
 import http.server
 import os
 import shutil
+import struct
 import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Problem", "check_site", "find_chromium", "main"]
+__all__ = ["Problem", "check_site", "figure_text_px", "find_chromium", "main", "png_dpi"]
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Folders of the built site that hold assets, not pages.
 NOT_PAGES = ("_static", "_sources", "_images", "_downloads")
+# Figure text: no figure sets text under MIN_FIGURE_FONT_PT points (tests/test_figure_fonts.py holds the notebooks
+# and dsv3lib.viz to it), and the page must show that text at MIN_TEXT_PX CSS pixels or more.
+MIN_FIGURE_FONT_PT = 9.0
+MIN_TEXT_PX = 9.0
+VIEWPORT = (1280, 900)
 
 
 @dataclass(frozen=True)
@@ -207,8 +218,13 @@ _INSPECT_JS = """
   const parts = document.title.split(/\\s+[\u2014|-]\\s+/).map((t) => t.trim()).filter(Boolean);
   if (parts.length > 1 && new Set(parts).size < parts.length) out.push(['repeated-title', `"${document.title}"`]);
 
+  // figures: [where, file, drawn width, shown width] for the text-size check in Python
+  const figures = [...article.querySelectorAll('div.cell_output img, figure img')].filter(visible)
+    .filter((img) => img.complete && img.naturalWidth > 0)
+    .map((img) => [describe(img), img.currentSrc, img.naturalWidth, img.getBoundingClientRect().width]);
+
   const links = [...document.querySelectorAll('a[href]')].map((a) => a.href);
-  return {problems: out, links: links};
+  return {problems: out, links: links, figures: figures};
 }
 """
 
@@ -262,7 +278,7 @@ def _check_page(page, url, rel, root, base, local, found, screenshots, log) -> N
         return
     page.evaluate(_SETTLE_JS)
     result = page.evaluate(_INSPECT_JS)
-    for kind, detail in result["problems"]:
+    for kind, detail in result["problems"] + _figure_problems(root, base, result["figures"]):
         found.append(Problem(rel, kind, detail))
     for href in dict.fromkeys(result["links"]):
         parts = urllib.parse.urlsplit(href)
@@ -274,6 +290,48 @@ def _check_page(page, url, rel, root, base, local, found, screenshots, log) -> N
     if screenshots is not None:
         shot = screenshots / (rel.replace("/", "__").removesuffix(".html") + ".png")
         page.screenshot(path=str(shot), full_page=True)
+
+
+def png_dpi(path: Path) -> float | None:
+    """The resolution a PNG declares (its pHYs chunk, pixels per metre → dpi), or None (none, or not a PNG).
+    Matplotlib writes its figure dpi there, so points in the figure are pixels × 72 / dpi."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"pHYs" and length == 9:
+            x, _, unit = struct.unpack(">IIB", data[pos + 8:pos + 17])
+            return x * 0.0254 if unit == 1 and x else None
+        if kind in (b"IDAT", b"IEND"):  # pHYs must come before the image data
+            return None
+        pos += 12 + length
+    return None
+
+
+def figure_text_px(dpi: float, drawn: float, shown: float, font_pt: float = MIN_FIGURE_FONT_PT) -> float:
+    """CSS pixels of ``font_pt``-point text in a figure drawn ``drawn`` pixels wide at ``dpi`` and shown ``shown``
+    CSS pixels wide."""
+    return font_pt * dpi / 72 * shown / drawn
+
+
+def _figure_problems(root: Path, base: str, figures: list) -> list[tuple[str, str]]:
+    out = []
+    for where, src, drawn, shown in figures:
+        if not src.startswith(base):
+            continue
+        dpi = png_dpi(root / urllib.parse.unquote(urllib.parse.urlsplit(src).path[len(urllib.parse.urlsplit(base).path):]))
+        if dpi is None:  # not a figure that says how big its points are
+            continue
+        px = figure_text_px(dpi, drawn, shown)
+        if px < MIN_TEXT_PX - 0.05:
+            out.append(("small-text", f"{where}: {MIN_FIGURE_FONT_PT:g}-pt text shows at {px:.1f}px (drawn {drawn}px "
+                                      f"wide at {dpi:.0f} dpi, shown {shown:.0f}px wide)"))
+    return out
 
 
 def _pages(root: Path) -> list[str]:
@@ -289,7 +347,7 @@ def check_site(
     root: Path,
     screenshots: Path | None = None,
     chromium: str | None = None,
-    viewport: tuple[int, int] = (1440, 900),
+    viewport: tuple[int, int] = VIEWPORT,
     log=print,
 ) -> tuple[list[str], list[Problem]]:
     """Check every page under `root`; returns (pages checked, problems found)."""
@@ -336,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-screenshots", action="store_true")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: $CHROMIUM or on PATH)")
-    parser.add_argument("--viewport", default="1440x900", help="WIDTHxHEIGHT in CSS pixels (default 1440x900)")
+    parser.add_argument("--viewport", default="{}x{}".format(*VIEWPORT),
+                        help="WIDTHxHEIGHT in CSS pixels (default {}x{})".format(*VIEWPORT))
     args = parser.parse_args(argv)
 
     if not (args.site / "index.html").is_file() and not list(args.site.glob("*.html")):

@@ -53,8 +53,9 @@ def _first_step(rank: int, world: int, kw: dict) -> dict:
     return {"loss": hist.loss[0], "ref_loss": ref_loss.item()}
 
 
-def serve_tokens(rank: int, world: int, ckpt: str, prompt: str, n: int, mtp: bool) -> list:
-    """Greedy tokens from ``ckpt`` with the experts sharded over the ``world`` processes."""
-    result = serve(load_for_serving(ckpt), prompt, n, mtp=mtp)
+def serve_tokens(rank: int, world: int, ckpt: str, prompt: str, n: int, mtp: bool, sampling: dict | None = None) -> list:
+    """Greedy (or, with ``sampling``, sampled) tokens from ``ckpt`` with the experts sharded over the ``world``
+    processes."""
+    result = serve(load_for_serving(ckpt), prompt, n, mtp=mtp, **(sampling or {}))
     dist.barrier()
     return result.tokens

@@ -76,6 +76,17 @@ def test_greedy_text_is_the_same_on_1_and_2_processes_with_and_without_mtp(runs)
         assert launch(workers.serve_tokens, 2, (str(out), "def main(", 12, mtp)) == one
 
 
+def test_sampled_text_is_the_same_on_1_and_2_processes(runs):
+    _, _, out = runs
+    knobs = dict(temperature=0.9, top_p=0.95, seed=3)
+    one = serve(load_for_serving(out), "def main(", 12, **knobs)
+    assert one.tokens != serve(load_for_serving(out), "def main(", 12).tokens  # it does sample
+    assert serve(load_for_serving(out), "def main(", 12, **knobs).tokens == one.tokens  # the seed fixes it
+    assert launch(workers.serve_tokens, 2, (str(out), "def main(", 12, True, knobs)) == one.tokens
+    with pytest.raises(ValueError, match="temperature"):
+        serve(load_for_serving(out), "def main(", 4, temperature=-1.0)
+
+
 def test_bad_inputs_get_one_line(runs, tmp_path):
     _, _, out = runs
     with pytest.raises(JobFailed, match=r"layout: pp × ep × dp = 2 × 1 × 1 = 2, but the world has 4 processes"):

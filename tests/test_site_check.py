@@ -37,6 +37,19 @@ def _site(tmp_path: Path, head: str, body: str, title: str = "Page &#8212; Site"
     return site
 
 
+def _figure(path: Path, width_in: float) -> None:
+    """A matplotlib PNG ``width_in`` inches wide at 100 dpi (so it carries a pHYs chunk, as the notebooks' do)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width_in, 1))
+    ax.plot([0, 1])
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _run(site: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "check_site.py"), str(site), "--no-screenshots"],
@@ -59,9 +72,12 @@ def test_checker_fails_on_a_broken_page(tmp_path):
             '{"version_major": 2, "version_minor": 0, "model_id": "abc"}</script></div>',  # no widget manager
             '<img src="nothere.png" alt="missing figure">',
             '<div class="cell_input"><pre># NBVAL_IGNORE_OUTPUT\nprint(1)</pre></div>',
+            '<div class="cell_output"><img src="wide.png" style="width: 300px"></div>',  # 15 in shown in 300 px
         ]
     )
-    result = _run(_site(tmp_path, head, body, title="Site &#8212; Site"))
+    site = _site(tmp_path, head, body, title="Site &#8212; Site")
+    _figure(site / "wide.png", 15)
+    result = _run(site)
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     problems = [line for line in out.splitlines() if line.startswith("index.html: ") and line.count(": ") >= 2]
@@ -76,7 +92,9 @@ def test_checker_fails_on_a_broken_page(tmp_path):
         "missing-file",
         "harness-text",
         "repeated-title",
+        "small-text",
     }, out
+    assert "9-pt text shows at 2.5px (drawn 1500px wide at 100 dpi, shown 300px wide)" in out
     assert "index.html: external-request: https://cdn.example.invalid/lib.js" in out
     assert "undefinedFunction" in out
     assert "missing.html -> no file missing.html" in out
@@ -90,7 +108,10 @@ def test_checker_passes_a_clean_page(tmp_path):
     body = (
         '<div class="cell_input"><pre># (a comment)\nprint(1)</pre></div>'
         '<div class="cell_output"><pre>short output</pre></div><a href="other.html#there">see</a>'
+        '<div class="cell_output"><img src="fig.png" style="width: 360px"></div>'  # 4 in at 360 px: 11.3 px
     )
-    result = _run(_site(tmp_path, "", body))
+    site = _site(tmp_path, "", body)
+    _figure(site / "fig.png", 4)
+    result = _run(site)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_site: 2 pages, 0 problem(s)" in result.stdout

@@ -209,3 +209,42 @@ def test_widget_builds():
     slider = w.children[0]
     assert slider.description == "comm/compute" and slider.value == 1.0
     assert (slider.min, slider.max) == (0.0, 3.0)
+
+
+def text_outside_boxes(fig) -> list[str]:
+    """Texts anchored inside a drawn, filled box (a FancyBboxPatch) that spill out of it."""
+    from matplotlib.patches import FancyBboxPatch
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        boxes = [p.get_window_extent(renderer) for p in ax.patches if isinstance(p, FancyBboxPatch)
+                 and p.get_facecolor()[3] > 0]  # filled boxes: the dashed frames hold no centred label
+        for t in ax.texts:
+            if not (t.get_visible() and t.get_text().strip()):
+                continue
+            anchor = ax.transData.transform(t.get_position())
+            around = [b for b in boxes if b.contains(*anchor)]
+            if not around:
+                continue
+            b = min(around, key=lambda b: b.width * b.height)
+            e = t.get_window_extent(renderer)
+            if e.x0 < b.x0 - 0.5 or e.x1 > b.x1 + 0.5 or e.y0 < b.y0 - 0.5 or e.y1 > b.y1 + 0.5:
+                out.append(t.get_text())
+    return out
+
+
+# The site's content column at a 1280-px window (book/_static/custom.css; scripts/check_site.py measures it)
+COLUMN_PX = 800
+
+
+@pytest.mark.parametrize("name", list(_figures()))
+def test_labels_fit_their_boxes_and_read_at_9px_in_the_column(name):
+    fig = _figures()[name]()
+    assert text_outside_boxes(fig) == []
+    fig.canvas.draw()
+    width_in = fig.get_tightbbox(fig.canvas.get_renderer()).width  # inches, as the notebook's PNG is cropped
+    smallest = min(t.get_fontsize() for t in visible_texts(fig))
+    shown = min(1.0, COLUMN_PX / (width_in * 72))  # the page scales a wider figure down to the column
+    assert smallest * shown >= 9.0 - 0.05, f"{smallest} pt at {width_in:.1f} in shows at {smallest * shown:.1f} px"

@@ -34,11 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory: shards/ (resumable) and hf/ (merged)")
     t.add_argument("--resume", action="store_true", help="continue from --out's shards")
     t.add_argument("--log-every", type=int, default=0, help="print a line every N steps instead of a progress bar")
-    s = sub.add_parser("serve", help="continue a prompt (greedy; MTP drafts)")
+    s = sub.add_parser("serve", help="continue a prompt (greedy or sampled; MTP drafts)")
     s.add_argument("--ckpt", required=True, help="a lab run directory or a Hugging Face directory")
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--no-mtp", action="store_true", help="plain greedy decoding, no drafts")
+    s.add_argument("--no-mtp", action="store_true", help="plain decoding, no drafts")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding this mass")
+    s.add_argument("--seed", type=int, default=None, help="the sampler's seed (the same text on 1 or N processes)")
     return p
 
 
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     if distributed:
         init_distributed()
     try:
-        result = serve(load_for_serving(args.ckpt), args.prompt, args.max_new_tokens, mtp=not args.no_mtp)
+        result = serve(load_for_serving(args.ckpt), args.prompt, args.max_new_tokens, mtp=not args.no_mtp,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         if not distributed or dist.get_rank() == 0:
             sys.stdout.write(args.prompt + result.text + "\n")
             print(result.summary(), flush=True)

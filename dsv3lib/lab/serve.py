@@ -1,4 +1,5 @@
-"""Serve the lab's model: greedy decoding with the latent cache and MTP drafts, on 1 or N processes (chapter 6).
+"""Serve the lab's model: greedy or sampled decoding with the latent cache and MTP drafts, on 1 or N processes
+(chapter 6).
 
 :func:`serve` loads a merged checkpoint (the release's layout, :func:`~dsv3lib.hf.load_hf`) and continues a
 prompt with :func:`~dsv3lib.speculative.speculative_generate` (the MTP module drafts, the main model verifies;
@@ -6,7 +7,8 @@ V3 §5.4.3) or, with ``mtp=False``, plain :func:`~dsv3lib.generate.generate`. Bo
 latent cache. Inside a process group of N ranks the routed experts are sharded over the N processes
 (:func:`~dsv3lib.parallel.expert.shard_experts`): every decoding step dispatches and combines its tokens by
 all-to-all. Each expert runs once per source rank (``batch_sources=False``), the very matrix products one
-process runs, so the greedy text is token for token the one-process text.
+process runs, so the greedy text is token for token the one-process text, and so is a sampled text with the same
+``seed`` (every rank draws from the same logits with the same generator).
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ def load_for_serving(ckpt: str | os.PathLike) -> Transformer:
     return load_hf(path)
 
 
-def serve(model: Transformer, prompt: str, max_new_tokens: int = 64, *, mtp: bool = True) -> ServeResult:
-    """Greedy continuation of ``prompt``; in a process group of N > 1 ranks, experts sharded over the N."""
+def serve(model: Transformer, prompt: str, max_new_tokens: int = 64, *, mtp: bool = True, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int | None = None) -> ServeResult:
+    """Continuation of ``prompt``: greedy (``temperature=0``) or sampled with ``temperature``/``top_p`` (speculative
+    sampling with MTP drafts keeps the main model's distribution, chapter 4); in a process group of N > 1 ranks,
+    experts sharded over the N."""
     tok = ByteTokenizer()
     ids = tok.encode(prompt)
     if not ids:
@@ -68,9 +73,9 @@ def serve(model: Transformer, prompt: str, max_new_tokens: int = 64, *, mtp: boo
         shard_experts(model, batch_sources=False)  # every rank: same prompt, same steps, same all-to-alls
     t0 = time.perf_counter()
     if mtp and len(model.mtp):
-        out, stats = speculative_generate(model, ids, max_new_tokens)
+        out, stats = speculative_generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     else:
-        out, stats = generate(model, ids, max_new_tokens), None
+        out, stats = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed), None
     tokens = out[0].tolist()
     new = tokens[len(ids):]
     return ServeResult(tokens, len(new), tok.decode(new), stats, time.perf_counter() - t0)

@@ -29,14 +29,14 @@ def _residual(ax, x_from, y_from, x_side, plus_left):
 
 def _main_column(ax, cfg: ModelConfig, x: float):
     arrow(ax, (x, 0.2), (x, 0.8), text="input tokens $t_i$", text_at=0, offset=(0, -0.05), va="top")
-    emb = box(ax, x, 1.25, 4.7, 0.8, "Embedding (shared with MTP)", "embed")
+    emb = box(ax, x, 1.25, 5.4, 0.8, "Embedding (shared with MTP)", "embed", fs=9)
     norm1 = box(ax, x, 3.0, 2.6, 0.7, "RMSNorm")
     mla = box(ax, x, 4.55, 5.2, 1.15, f"Multi-head Latent Attention\n{cfg.n_heads} heads, KV latent "
               f"{n(cfg.kv_lora_rank)}", "attention")
     p1_in, p1_out, p1_left = _plus(ax, x, 6.0)
     norm2 = box(ax, x, 7.15, 2.6, 0.7, "RMSNorm")
-    moe = box(ax, x, 8.7, 5.2, 1.15, f"DeepSeekMoE\n{cfg.n_routed_experts} routed ({cfg.n_activated_experts} "
-              f"active) + {cfg.n_shared_experts} shared", "moe")
+    moe = box(ax, x, 8.7, 5.6, 1.15, f"DeepSeekMoE\n{cfg.n_routed_experts} routed ({cfg.n_activated_experts} "
+              f"active) + {cfg.n_shared_experts} shared", "moe", fs=9)
     p2_in, p2_out, p2_left = _plus(ax, x, 10.15)
     final = box(ax, x, 11.25, 2.6, 0.6, "RMSNorm")
     head = box(ax, x, 12.45, 3.4, 0.65, "Output head", "embed")
@@ -89,7 +89,7 @@ def _moe_detail(ax, cfg: ModelConfig, x: float, moe_box):
             b.patch.set_facecolor(PALETTE["moe"])
         arrow(ax, (xi, router.y + router.h / 2), b.bottom, kind="moe", lw=1.0 if i in chosen else 0.6,
               dashed=i not in chosen)
-    ax.text(x - 0.9, 4.1, f"routed experts: SwiGLU, hidden {n(cfg.moe_inter_dim)};\ndark: "
+    ax.text(x - 1.3, 4.1, f"experts: SwiGLU, hidden {n(cfg.moe_inter_dim)};\ndark: "
             f"chosen ({cfg.n_activated_experts} per token)", ha="left", va="top", fontsize=9)
     weights = "$g_i = s_i\\,/\\,\\Sigma_j\\, s_j$" if cfg.norm_topk_prob else "$g_i = s_i$"
     weights += f" (× {cfg.route_scale:g})" if cfg.route_scale != 1 else ""
@@ -101,7 +101,7 @@ def _moe_detail(ax, cfg: ModelConfig, x: float, moe_box):
 
 def _mtp(ax, cfg: ModelConfig, x: float, emb_main, head_main, h_out):
     xl, xr = x - 1.9, x + 1.9
-    emb = box(ax, xr, 1.25, 3.4, 0.8, "Embedding (shared)", "embed")
+    emb = box(ax, xr, 1.25, 3.4, 0.8, "Embedding\n(shared)", "embed", fs=9)
     arrow(ax, (xr, 0.2), emb.bottom, text="token $t_{i+k}$", text_at=0, offset=(0, -0.05), va="top")
     norm_h = box(ax, xl, 3.0, 2.6, 0.7, "RMSNorm")
     norm_e = box(ax, xr, 3.0, 2.6, 0.7, "RMSNorm")
@@ -110,8 +110,8 @@ def _mtp(ax, cfg: ModelConfig, x: float, emb_main, head_main, h_out):
     arrow(ax, norm_h.top, (xl, cat.y - cat.h / 2))
     arrow(ax, norm_e.top, (xr, cat.y - cat.h / 2))
     proj = box(ax, x, 6.0, 5.4, 1.0, f"Linear projection $M_k$ (eh_proj)\n{n(2 * cfg.dim)} → {n(cfg.dim)}")
-    trm = box(ax, x, 7.7, 5.4, 1.0, "Transformer block TRM$_k$\n(MLA + DeepSeekMoE, as above)", "attention")
-    head = box(ax, x, 12.45, 4.2, 0.8, "RMSNorm → Output head", "embed")
+    trm = box(ax, x, 7.7, 6.2, 1.0, "Transformer block TRM$_k$\n(MLA + DeepSeekMoE, as above)", "attention", fs=9)
+    head = box(ax, x, 12.45, 4.8, 0.8, "RMSNorm → Output head", "embed", fs=9)
     arrow(ax, cat.top, proj.bottom)
     arrow(ax, proj.top, trm.bottom)
     arrow(ax, trm.top, head.bottom, text="$h_i^k$", offset=(0.15, 0), ha="left")
@@ -142,7 +142,7 @@ def draw_v3_block(cfg: ModelConfig, ax=None):
     leaves the main model after its final RMSNorm (as in :mod:`dsv3lib.model.mtp`), and the drawing does
     not fix the concatenation's order: eq. 21 writes [RMSNorm(h); RMSNorm(Emb)], the released checkpoint
     (and the library) use [enorm(emb); hnorm(h)]."""
-    fig, ax = canvas(ax, (13, 7.6), (-1.0, 25.0), (-0.45, 13.8))
+    fig, ax = canvas(ax, (11, 7.6), (-1.0, 25.0), (-0.45, 13.8))
     emb, head, moe, h_out = _main_column(ax, cfg, 3.2)
     _moe_detail(ax, cfg, 10.9, moe)
     _mtp(ax, cfg, 20.6, emb, head, h_out)

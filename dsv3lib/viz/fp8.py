@@ -30,7 +30,7 @@ def _tiles(ax, x, y, kind: str, size: float = 0.9):
 def _quant(ax, x, y, text, tiles, w=3.75, h=1.2):
     b = box(ax, x, y, w, h, None, "fp8")
     _tiles(ax, x - w / 2 + 0.25, y - 0.45, tiles)
-    ax.text(x - w / 2 + 1.35, y, text, ha="left", va="center", fontsize=9.5, zorder=5)
+    ax.text(x - w / 2 + 1.3, y, text, ha="left", va="center", fontsize=9, zorder=5)
     return b
 
 
@@ -45,7 +45,7 @@ def _panel(ax, cx, name, formula, inputs, quants, output, note):
         q = _quant(ax, x, 8.3, qtext, tiles)
         arrow(ax, src.bottom, q.top)
         arrow(ax, q.bottom, (x, gemm.y + gemm.h / 2))
-    out = box(ax, cx, 2.75, 6.0, 1.3, output[0], output[1])
+    out = box(ax, cx, 2.75, 6.4, 1.4, output[0], output[1], fs=9 if output[0].count("\n") > 1 else 10)
     arrow(ax, gemm.bottom, out.top)
     ax.text(cx, 1.35, note, ha="center", va="top", fontsize=9, style="italic")
 
@@ -58,7 +58,7 @@ def draw_fp8_linear(ax=None):
     operands), FP32 accumulation, BF16 outputs, and the FP32 weight gradient feeding AdamW (m, v in BF16)
     and the FP32 master weights. Returns the figure.
     """
-    fig, ax = canvas(ax, (12, 6.2), (-0.2, 24.2), (-0.3, 11.6))
+    fig, ax = canvas(ax, (11, 6.2), (-0.2, 24.2), (-0.3, 11.6))
     _panel(ax, 4.0, "Fprop", "y = x $W^T$",
            [("x: BF16\n(input)", "bf16"), ("W: FP32\n(master weight)", "fp32")],
            [("E4M3,\n1×128 tiles", "1x128"), ("E4M3,\n128×128 blocks", "128x128")],
