@@ -24,8 +24,7 @@ from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
-from .quant import (_cast, _group_scales, _groups, act_dequant, act_quant_ref, expand_b_scales, fp8_to_float,
-                    tile_products)
+from .quant import _absmax, _cast, _group_scales, _groups, act_quant_ref, fp8_to_float, tile_products
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
 
@@ -38,33 +37,55 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % _ALIGN == 0 else t.clone()
 
 
-def _blocks(q: torch.Tensor, bs: int) -> list[torch.Tensor]:
-    """Decode an (E, R, C) FP8 stack (any strides) into FP32 contraction blocks: ``blocks[i][e]`` is block i of
-    ``q[e]`` as a contiguous (R, width) tensor, the layout ``quant._k_blocks`` gives for the matrix ``q[e]``."""
-    C = q.shape[-1]
+def _blocks(v: torch.Tensor, bs: int) -> list[torch.Tensor]:
+    """Cut a decoded (E, R, C) stack (any strides) into FP32 contraction blocks: ``blocks[i][e]`` is block i of
+    ``v[e]`` as a contiguous (R, width) tensor, the layout ``quant._k_blocks`` gives for the matrix ``v[e]``."""
+    C = v.shape[-1]
     if C <= bs:
-        return [fp8_to_float(q)]
+        return [v.contiguous()]
     whole = C // bs * bs
-    full = fp8_to_float(q[..., :whole].unflatten(-1, (-1, bs)).movedim(-2, 1))  # (E, nk, R, bs) contiguous
+    full = v[..., :whole].unflatten(-1, (-1, bs)).movedim(-2, 1).contiguous()  # (E, nk, R, bs)
     out = [full[:, i] for i in range(whole // bs)]
     if whole < C:
-        out.append(fp8_to_float(q[..., whole:]))
+        out.append(v[..., whole:].contiguous())
     return out
 
 
-def _gemm(a_blocks, a_s: torch.Tensor, b_blocks, b_s: torch.Tensor) -> torch.Tensor:
-    """``fp8_gemm_ref``'s accumulation on decoded blocks; a_s (M, nk) tile scales, b_s (N or 1, nk) row scales."""
-    one = a_s.shape[1] == 1
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[:] = a @ bᵀ`` computed as ``torch.mm`` of aligned operands computes it (into ``out`` itself where that
+    is aligned too, else into a fresh tensor copied over: a copy changes no bit)."""
+    a, b = _aligned(a), _aligned(b).t()
+    if out.data_ptr() % _ALIGN == 0:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _gemm(a_blocks, a_s: torch.Tensor, b_blocks, b_s: torch.Tensor, spans, n: int) -> torch.Tensor:
+    """Every expert's ``fp8_gemm_ref`` at once, into one (R, n) FP32 tensor.
+
+    a_blocks[i]: (R, width) block i of the rows (all experts); a_s: (R, nk) their tile scales; b_blocks[i]:
+    (E, n, width) block i of each expert's B; b_s: (E, 1 or n, nk) B's row scales. Only the mm runs expert by
+    expert (into its own rows); each block's two scale multiplies and its add into the accumulator run once over
+    all rows, element by element the same operations in the same order as the per-expert calls.
+    """
+    R = a_s.shape[0]
+    counts = torch.tensor([r1 - r0 for r0, r1 in spans])
+    owner = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (R,): the expert of each row
     acc = None
     for i, (a_blk, b_blk) in enumerate(zip(a_blocks, b_blocks)):
-        sa, sb = (a_s, b_s.t()) if one else (a_s[:, i:i + 1], b_s[:, i])
-        part = torch.mm(_aligned(a_blk), _aligned(b_blk).t()).mul_(sa).mul_(sb)  # this block · its two scales
-        acc = part.add_(0.0) if acc is None else acc.add_(part)
+        part = a_blk.new_empty(R, n)
+        for e, (r0, r1) in enumerate(spans):
+            if r1 > r0:
+                _mm_into(part[r0:r1], a_blk[r0:r1], b_blk[e])
+        part.mul_(a_s[:, i:i + 1]).mul_(b_s[:, :, i].index_select(0, owner))  # this block · its two scales
+        acc = part.add_(0.0) if acc is None else acc.add_(part)  # 0.0 + part: as if acc had started at zero
     return acc
 
 
 def _row_scales(b_s: torch.Tensor, n: int, bs: int) -> torch.Tensor:
-    return b_s if b_s.shape[0] in (1, n) else expand_b_scales(b_s, n, bs)
+    """(E, nb, nk) block scales of a stack of (n, ·) B matrices as (E, 1 or n, nk) row scales."""
+    return b_s if b_s.shape[1] in (1, n) else b_s.repeat_interleave(bs, 1)[:, :n]
 
 
 def _stacked_weight_quant(weights, bs: int, name: str):
@@ -74,13 +95,41 @@ def _stacked_weight_quant(weights, bs: int, name: str):
     N, K = w.shape[1:]
     wb, pad_n = _groups(w, 1, bs)  # (E, nn, bn, K)
     wb, pad_k = _groups(wb, 3, bs)  # (E, nn, bn, nk, bk)
-    s = _group_scales(wb.abs().amax(dim=(2, 4)), False, name)  # (E, nn, nk)
+    s = _group_scales(_absmax(wb, (2, 4)), False, name)  # (E, nn, nk)
     y = (wb / s[:, :, None, :, None]).flatten(3).flatten(1, 2)
     return _cast(y[:, :N, :K] if pad_n or pad_k else y), s
 
 
+def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
+    """Wgrad's per-tile products for every expert that needs its dW: one tokens-last stack [dyᵀ; xᵀ] with each
+    expert's tokens zero-padded to whole tiles, quantised as one ``act_quant_ref`` call would, all tiles'
+    products in one batched GEMM (:func:`~dsv3lib.fp8.quant.tile_products`). x enters as its decoded FP8
+    values ``xd`` and their (R, 1 or K) scales: ``act_dequant``'s product, written straight into the stack.
+    Returns the (tiles, N, K) products and each expert's first tile and tile count."""
+    N, K = dy.shape[1], xd.shape[1]
+    first, n_tiles = [], []
+    for e, (r0, r1) in enumerate(spans):
+        first.append(sum(n_tiles))
+        n_tiles.append(-(-(r1 - r0) // bs) if need[e] else 0)
+    t = dy.new_zeros(N + K, sum(n_tiles) * bs)  # every expert's [dyᵀ; xᵀ] in its own whole tiles
+    for e, (r0, r1) in enumerate(spans):
+        if need[e]:
+            c = first[e] * bs
+            t[:N, c:c + r1 - r0] = dy[r0:r1].t()
+            torch.mul(xd[r0:r1].t(), x_scales[r0:r1].t(), out=t[N:, c:c + r1 - r0])  # x_hpᵀ
+    # act_quant_ref(t) along its whole tiles, dividing t itself (a temporary) instead of a copy of it
+    tt = t.view(N + K, -1, bs)  # (N + K, tiles, bs)
+    ts = _group_scales(_absmax(tt, -1), False, "FP8 experts grad_output")  # (N + K, tiles)
+    tq = _cast(tt.div_(ts.unsqueeze(-1)).view(t.shape))  # (N + K, Σ Mp)
+    keep = [e for e in range(len(spans)) if need[e]]
+    return tile_products(tq, ts, N, bs), [first[e] for e in keep], [n_tiles[e] for e in keep]
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
-    """Rows ``x[r0:r1]`` of expert e (spans from ``counts``) times ``weights[e]``ᵀ, as one FP8Linear each."""
+    """Rows ``x[r0:r1]`` of expert e (spans from ``counts``) times ``weights[e]``ᵀ, as one FP8Linear each.
+
+    The FP8 input and weights are decoded once, in the forward, and kept decoded for Dgrad and Wgrad (the CPU
+    path's cache: the same numbers as decoding the FP8 tensors again, four times the bytes)."""
 
     @staticmethod
     def forward(ctx, x, counts, block_size, *weights):
@@ -89,30 +138,28 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         spans = [(end - c, end) for c, end in zip(counts, ends)]
         xq, xs = act_quant_ref(x, bs, name="FP8 experts input")  # (R, K), (R, nk)
         wq, ws = _stacked_weight_quant(weights, bs, "FP8 expert weights")  # (E, N, K), (E, nn, nk)
-        xb, wb = _blocks(xq.unsqueeze(0), bs), _blocks(wq, bs)
-        outs = [_gemm([b[0, r0:r1] for b in xb], xs[r0:r1], [b[e] for b in wb], _row_scales(ws[e], N, bs))
-                for e, (r0, r1) in enumerate(spans) if r1 > r0]  # Fprop, expert by expert
-        ctx.save_for_backward(xq, xs, wq, ws)
+        xd, wd = fp8_to_float(xq), fp8_to_float(wq)  # (R, K), (E, N, K): the FP8 values in FP32
+        y = _gemm([b[0] for b in _blocks(xd.unsqueeze(0), bs)], xs, _blocks(wd, bs), _row_scales(ws, N, bs),
+                  spans, N)  # Fprop
+        ctx.save_for_backward(xd, xs, wd, ws)
         ctx.spans, ctx.block_size, ctx.w_dtype = spans, bs, weights[0].dtype
         leaves = all(isinstance(w, nn.Parameter) for w in weights)
         ctx.sink = current_sink() if leaves else None
         ctx.weights = weights if ctx.sink is not None else None
-        y = torch.cat(outs) if outs else x.new_zeros(0, N, dtype=torch.float32)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xq, xs, wq, ws = ctx.saved_tensors
+        xd, xs, wd, ws = ctx.saved_tensors
         bs, spans = ctx.block_size, ctx.spans
-        N, K = wq.shape[1:]
+        N, K = wd.shape[1:]
         dy2 = dy.float()  # (R, N)
         dx = None
-        if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W_e, expert by expert
+        if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W_e; Wᵀ's blocks are W's blocks transposed
             dyq, dys = act_quant_ref(dy2, bs, name="FP8 experts grad_output")
-            db, wtb = _blocks(dyq.unsqueeze(0), bs), _blocks(wq.transpose(1, 2), bs)  # Wᵀ: (E, K, N)
-            parts = [_gemm([b[0, r0:r1] for b in db], dys[r0:r1], [b[e] for b in wtb],
-                           _row_scales(ws[e].t(), K, bs)) for e, (r0, r1) in enumerate(spans) if r1 > r0]
-            dx = (torch.cat(parts) if parts else dy2.new_zeros(0, K)).to(dy.dtype)
+            dx = _gemm([b[0] for b in _blocks(fp8_to_float(dyq).unsqueeze(0), bs)], dys,
+                       _blocks(wd.transpose(1, 2), bs), _row_scales(ws.transpose(1, 2), K, bs), spans, K)
+            dx = dx.to(dy.dtype)
         need = [ctx.needs_input_grad[3 + e] and r1 > r0 for e, (r0, r1) in enumerate(spans)]
         w_dtype = ctx.w_dtype
 
@@ -120,25 +167,13 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dws = [None] * len(spans)
             if not any(need):
                 return dws
-            x_hp = act_dequant(xq, xs, bs)  # (R, K): re-tile the cached FP8 input
-            width = [(r1 - r0) + (-(r1 - r0) % bs) if n else 0 for n, (r0, r1) in zip(need, spans)]
-            t = dy2.new_zeros(N + K, sum(width))  # every expert's [dyᵀ; xᵀ] in its own whole tiles
-            starts = torch.tensor([0] + width).cumsum(0).tolist()
-            for e, (r0, r1) in enumerate(spans):
-                if need[e]:
-                    c = starts[e]
-                    t[:N, c:c + r1 - r0] = dy2[r0:r1].t()
-                    t[N:, c:c + r1 - r0] = x_hp[r0:r1].t()
-            tq, ts = act_quant_ref(t, bs, name="FP8 experts grad_output")  # (N + K, Σ Mp), (N + K, Σ Mp/128)
-            parts = tile_products(tq, ts, N, bs)  # (tiles, N, K): every tile whole, its own scaled product
-            experts = [e for e in range(len(spans)) if need[e]]
-            first = torch.tensor([starts[e] // bs for e in experts])
-            n_tiles = torch.tensor([width[e] // bs for e in experts])
+            x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (R, 1 or K)
+            parts, first, n_tiles = _tile_products(xd, x_scales, dy2, spans, need, bs)  # each tile's product
             acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum, in fp8_gemm_ref's order
-            for i in range(1, int(n_tiles.max())):
-                more = (n_tiles > i).nonzero().flatten()
-                acc[more] = acc[more] + parts[first[more] + i]
-            for j, e in enumerate(experts):
+            for i in range(1, max(n_tiles)):
+                more = [j for j, n in enumerate(n_tiles) if n > i]
+                acc.index_add_(0, torch.tensor(more), parts[[first[j] + i for j in more]])
+            for j, e in enumerate(e for e in range(len(spans)) if need[e]):
                 dws[e] = acc[j].to(w_dtype)
             return dws
 
