@@ -186,3 +186,12 @@ def test_dgrad_quant_is_checked():
         convert_to_fp8(nn.Sequential(nn.Linear(128, 128)), dgrad_quant="128x128")
     m = convert_to_fp8(nn.Sequential(nn.Linear(128, 128)), dgrad_quant="block")
     assert m[0].dgrad_quant == "block" and "dgrad_quant='block'" in repr(m)
+
+
+def test_function_apply_without_the_dgrad_option():
+    from dsv3lib.fp8 import FP8LinearFunction
+
+    w = nn.Parameter(torch.randn(128, 128))
+    x = torch.randn(4, 128, requires_grad=True)
+    FP8LinearFunction.apply(x, w, None, 128).sum().backward()  # four arguments, as before the option existed
+    assert x.grad is not None and w.grad is not None

@@ -134,9 +134,9 @@ class FP8LinearFunction(torch.autograd.Function):
                     accumulate(bias, db.to(bias.dtype))
 
             if store.push(later):
-                return dx, None, None, None, None
+                return (dx, None, None, None, None)[:len(ctx.needs_input_grad)]
         dw, db = grads()
-        return dx, dw, db, None, None
+        return (dx, dw, db, None, None)[:len(ctx.needs_input_grad)]  # apply() may leave dgrad_quant out
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
