@@ -9,7 +9,6 @@ gets, so the loss agrees to 1e-5, not bit for bit.
 """
 
 import pytest
-import torch
 
 from dsv3lib.parallel.checks import step_vs_one_process
 from dsv3lib.parallel.launch import JobFailed, launch

@@ -24,7 +24,8 @@ from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
-from .quant import _absmax, _cast, _group_scales, _groups, act_quant_ref, fp8_to_float, tile_products
+from .grid import grid_act, round_to_e4m3_, tile_products_fp32
+from .quant import _absmax, _group_scales, _groups
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
 
@@ -88,22 +89,23 @@ def _row_scales(b_s: torch.Tensor, n: int, bs: int) -> torch.Tensor:
     return b_s if b_s.shape[1] in (1, n) else b_s.repeat_interleave(bs, 1)[:, :n]
 
 
-def _stacked_weight_quant(weights, bs: int, name: str):
-    """``weight_quant_ref`` of each (N, K) weight, in one pass over the stack: (E, N, K) FP8 and (E, nn, nk)
-    scales. Each weight is padded and blocked on its own, so no block straddles two experts."""
+def _stacked_weight_grid(weights, bs: int, name: str):
+    """``weight_quant_ref`` of each (N, K) weight, in one pass over the stack, as the FP8 values in FP32 (E, N, K)
+    and (E, nn, nk) scales (see :mod:`~dsv3lib.fp8.grid`). Each weight is padded and blocked on its own, so no
+    block straddles two experts."""
     w = torch.stack([t if t.dtype == torch.float32 else t.float() for t in weights])  # (E, N, K)
     N, K = w.shape[1:]
     wb, pad_n = _groups(w, 1, bs)  # (E, nn, bn, K)
     wb, pad_k = _groups(wb, 3, bs)  # (E, nn, bn, nk, bk)
     s = _group_scales(_absmax(wb, (2, 4)), False, name)  # (E, nn, nk)
     y = (wb / s[:, :, None, :, None]).flatten(3).flatten(1, 2)
-    return _cast(y[:, :N, :K] if pad_n or pad_k else y), s
+    return round_to_e4m3_(y[:, :N, :K].contiguous() if pad_n or pad_k else y), s
 
 
 def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
     """Wgrad's per-tile products for every expert that needs its dW: one tokens-last stack [dyᵀ; xᵀ] with each
     expert's tokens zero-padded to whole tiles, quantised as one ``act_quant_ref`` call would, all tiles'
-    products in one batched GEMM (:func:`~dsv3lib.fp8.quant.tile_products`). x enters as its decoded FP8
+    products in one batched GEMM (:func:`~dsv3lib.fp8.grid.tile_products_fp32`). x enters as its FP8
     values ``xd`` and their (R, 1 or K) scales: ``act_dequant``'s product, written straight into the stack.
     Returns the (tiles, N, K) products and each expert's first tile and tile count."""
     N, K = dy.shape[1], xd.shape[1]
@@ -117,28 +119,25 @@ def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, s
             c = first[e] * bs
             t[:N, c:c + r1 - r0] = dy[r0:r1].t()
             torch.mul(xd[r0:r1].t(), x_scales[r0:r1].t(), out=t[N:, c:c + r1 - r0])  # x_hpᵀ
-    # act_quant_ref(t) along its whole tiles, dividing t itself (a temporary) instead of a copy of it
-    tt = t.view(N + K, -1, bs)  # (N + K, tiles, bs)
-    ts = _group_scales(_absmax(tt, -1), False, "FP8 experts grad_output")  # (N + K, tiles)
-    tq = _cast(tt.div_(ts.unsqueeze(-1)).view(t.shape))  # (N + K, Σ Mp)
     keep = [e for e in range(len(spans)) if need[e]]
-    return tile_products(tq, ts, N, bs), [first[e] for e in keep], [n_tiles[e] for e in keep]
+    parts = tile_products_fp32(t, N, bs, "FP8 experts grad_output")
+    return parts, [first[e] for e in keep], [n_tiles[e] for e in keep]
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Rows ``x[r0:r1]`` of expert e (spans from ``counts``) times ``weights[e]``ᵀ, as one FP8Linear each.
 
-    The FP8 input and weights are decoded once, in the forward, and kept decoded for Dgrad and Wgrad (the CPU
-    path's cache: the same numbers as decoding the FP8 tensors again, four times the bytes)."""
+    The FP8 values of the input and weights are computed once, in the forward, in FP32 without FP8 bytes
+    (:mod:`~dsv3lib.fp8.grid`), and kept for Dgrad and Wgrad: the numbers FP8 tensors decode to, four times
+    the bytes."""
 
     @staticmethod
     def forward(ctx, x, counts, block_size, *weights):
-        bs, (N, K) = block_size, weights[0].shape
+        bs, N = block_size, weights[0].shape[0]
         ends = torch.tensor(counts).cumsum(0).tolist()
         spans = [(end - c, end) for c, end in zip(counts, ends)]
-        xq, xs = act_quant_ref(x, bs, name="FP8 experts input")  # (R, K), (R, nk)
-        wq, ws = _stacked_weight_quant(weights, bs, "FP8 expert weights")  # (E, N, K), (E, nn, nk)
-        xd, wd = fp8_to_float(xq), fp8_to_float(wq)  # (R, K), (E, N, K): the FP8 values in FP32
+        xd, xs = grid_act(x, bs, "FP8 experts input")  # (R, K) FP8 values in FP32, (R, nk)
+        wd, ws = _stacked_weight_grid(weights, bs, "FP8 expert weights")  # (E, N, K) values, (E, nn, nk)
         y = _gemm([b[0] for b in _blocks(xd.unsqueeze(0), bs)], xs, _blocks(wd, bs), _row_scales(ws, N, bs),
                   spans, N)  # Fprop
         ctx.save_for_backward(xd, xs, wd, ws)
@@ -156,8 +155,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dy2 = dy.float()  # (R, N)
         dx = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W_e; Wᵀ's blocks are W's blocks transposed
-            dyq, dys = act_quant_ref(dy2, bs, name="FP8 experts grad_output")
-            dx = _gemm([b[0] for b in _blocks(fp8_to_float(dyq).unsqueeze(0), bs)], dys,
+            dyd, dys = grid_act(dy2, bs, "FP8 experts grad_output")
+            dx = _gemm([b[0] for b in _blocks(dyd.unsqueeze(0), bs)], dys,
                        _blocks(wd.transpose(1, 2), bs), _row_scales(ws.transpose(1, 2), K, bs), spans, K)
             dx = dx.to(dy.dtype)
         need = [ctx.needs_input_grad[3 + e] and r1 > r0 for e, (r0, r1) in enumerate(spans)]

@@ -12,7 +12,9 @@ Wgrad    dW (out, in)        dyᵀ, along tokens           xᵀ, along tokens   
 =======  ==================  =========================  ===================  ====================
 
 The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled along tokens there
-(dequantise, transpose, requantise: §3.5.2). The weight parameter stays the FP32 master copy that the
+(dequantise, transpose, requantise: §3.5.2). On the CPU, which has no FP8 GEMM, the operands never become FP8
+bytes: :mod:`~dsv3lib.fp8.grid` computes their E4M3 values in FP32 and the cache holds those (the same numbers,
+four times the bytes). The weight parameter stays the FP32 master copy that the
 optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
 the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
 
@@ -34,8 +36,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
-from . import gemm, quant
+from . import gemm, grid, quant
 
 __all__ = ["FP8LinearFunction", "FP8Linear", "convert_to_fp8", "fp8_linear", "DGRAD_QUANT"]
 
@@ -69,6 +72,20 @@ def _tokens_last(ts: list[torch.Tensor], block: int) -> torch.Tensor:
     return out
 
 
+def _cpu_wgrad(dy2: torch.Tensor, xg: torch.Tensor, xs: torch.Tensor, bs: int) -> torch.Tensor:
+    """Wgrad on the CPU path from x's E4M3 values ``xg`` (M, K) and tile scales ``xs``: the stack [dyᵀ; x_hpᵀ]
+    written in one pass each (x_hp = xg·s, what ``act_dequant`` gives), re-tiled along tokens, tile products."""
+    (M, N), K = dy2.shape, xg.shape[1]
+    mp = M + (-M % bs)
+    t = dy2.new_empty(N + K, mp)
+    if mp > M:
+        t[:, M:] = 0  # padded tokens: zeros add nothing
+    t[:N, :M] = dy2.t()
+    x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (M, 1 or K)
+    torch.mul(xg.t(), x_scales.t(), out=t[N:, :M])  # x_hpᵀ
+    return quant.sum_tiles(grid.tile_products_fp32(t, N, bs, "FP8Linear grad_output"))
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x Wᵀ (+ b) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs (FP32 accumulation)."""
 
@@ -77,12 +94,19 @@ class FP8LinearFunction(torch.autograd.Function):
                 dgrad_quant: str = "tile"):
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        xq, xs = gemm.act_quant(x2, block_size, name="FP8Linear input")  # (M, K), (M, K/128)
-        wq, ws = gemm.weight_quant(weight, block_size, name="FP8Linear weight")  # (N, K), (N/128, K/128)
-        y = gemm.fp8_gemm(xq, xs, wq, ws, block_size=block_size)  # Fprop, (M, N) fp32
+        if x.device.type == "cpu" and weight.numel() and not use_triton(x, **gemm._NEEDS):
+            # no FP8 GEMM here: the operands' E4M3 values in FP32, without FP8 bytes (grid.py)
+            quant.check_block_size(block_size)
+            xq, xs = grid.grid_act(x2, block_size, "FP8Linear input")  # (M, K) values, (M, K/128)
+            wq, ws = grid.grid_weight(weight, block_size, "FP8Linear weight")  # (N, K) values, (N/128, K/128)
+            y = quant.gemm_blocks(grid.split_k(xq, block_size), xs, grid.split_k(wq, block_size), ws, block_size)
+        else:
+            xq, xs = gemm.act_quant(x2, block_size, name="FP8Linear input")  # (M, K), (M, K/128)
+            wq, ws = gemm.weight_quant(weight, block_size, name="FP8Linear weight")  # (N, K), (N/128, K/128)
+            y = gemm.fp8_gemm(xq, xs, wq, ws, block_size=block_size)  # Fprop, (M, N) fp32
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.save_for_backward(xq, xs, wq, ws)  # FP8 tensors, or on the CPU path their values in FP32 (4× the bytes)
         ctx.dgrad_quant = dgrad_quant
         ctx.block_size, ctx.has_bias, ctx.x_shape, ctx.w_dtype = block_size, bias is not None, x.shape, weight.dtype
         leaves = isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter))
@@ -96,13 +120,21 @@ class FP8LinearFunction(torch.autograd.Function):
         bs = ctx.block_size
         N, K = wq.shape
         dy2 = dy.reshape(-1, N).float()  # (M, N)
+        cpu = wq.dtype == torch.float32  # the forward kept E4M3 values, not FP8 bytes
         dx = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1×128 along N) @ W; Wᵀ's blocks are W's blocks transposed
             if ctx.dgrad_quant == "block" and dy2.shape[0]:
                 dyq, dys = _block_quant_rows(dy2, bs)
+                dyb = quant._k_blocks(dyq, bs) if cpu else None
+            elif cpu:
+                dyq, dys = grid.grid_act(dy2, bs, "FP8Linear grad_output")
+                dyb = grid.split_k(dyq, bs)
             else:
                 dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
-            dx = gemm.fp8_gemm(dyq, dys, wq.t(), ws.t(), block_size=bs)  # (M, K); Wᵀ (K, N) as a view
+            if cpu:
+                dx = quant.gemm_blocks(dyb, dys, grid.split_k(wq.t(), bs), ws.t(), bs)  # (M, K)
+            else:
+                dx = gemm.fp8_gemm(dyq, dys, wq.t(), ws.t(), block_size=bs)  # (M, K); Wᵀ (K, N) as a view
             dx = dx.to(dy.dtype).reshape(ctx.x_shape)
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         w_dtype = ctx.w_dtype
@@ -111,7 +143,9 @@ class FP8LinearFunction(torch.autograd.Function):
             dw = db = None
             if need_w and dy2.shape[0] == 0:  # no tokens (an idle expert)
                 dw = torch.zeros(N, K, dtype=torch.float32, device=dy.device)
-            elif need_w:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
+            elif need_w and cpu:  # Wgrad: dyᵀ @ x, both quantised along tokens (128×1 tiles of dy and x)
+                dw = _cpu_wgrad(dy2, xq, xs, bs)
+            elif need_w:
                 x_hp = quant.act_dequant(xq, xs, bs)  # (M, K): re-tile the cached FP8 input
                 # dyᵀ (N, Mp) and xᵀ (K, Mp) stacked: the same tiles along tokens, so one quantiser call for both
                 # (x_hp is finite by construction: only dy can hold a NaN)

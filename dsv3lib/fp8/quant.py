@@ -16,6 +16,7 @@ changes no number: FP8 → FP32 by table look-up, two bytes at a time (torch's C
 group's amax from two reads of a large tensor instead of a written-out |x|, no padding of a dimension that is
 one group anyway, no zero-initialised accumulator to add into, scales multiplied in place.
 tests/test_fp8_oracle.py and tests/test_fp8_fastpaths.py hold them to the straightforward versions bit for bit.
+(``FP8Linear`` on the CPU goes one step further and skips the FP8 bytes altogether: :mod:`~dsv3lib.fp8.grid`.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .formats import FP8_DTYPE, FP8_MAX
 
 __all__ = ["check_finite", "check_block_size", "check_scales", "check_tensor", "compute_scale", "fp8_to_float",
            "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_dequant", "weight_quant_ref",
-           "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "tile_products", "wgrad_ref"]
+           "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "gemm_blocks", "tile_products",
+           "sum_tiles", "wgrad_ref"]
 
 _TABLE: torch.Tensor | None = None  # the FP32 value of each of the 256 E4M3 bytes (CPU), made on first use
 _LITTLE = sys.byteorder == "little"  # the pair table's layout assumes it
@@ -348,16 +350,34 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     M, N = math.prod(lead), b.shape[0]
     if a.dim() != 2:
         a, a_s = a.reshape(M, K), a_s.reshape(M, a_s.shape[-1])
+    acc = gemm_blocks(_k_blocks(a, block_size), a_s, _k_blocks(b, block_size), b_s, block_size)
+    acc = acc if out_dtype == torch.float32 else acc.to(out_dtype)
+    return acc if len(lead) == 1 else acc.reshape(*lead, N)
+
+
+def gemm_blocks(a_blocks: list[torch.Tensor], a_s: torch.Tensor, b_blocks: list[torch.Tensor], b_s: torch.Tensor,
+                block_size: int = 128) -> torch.Tensor:
+    """:func:`fp8_gemm_ref`'s accumulation from operands already decoded: ``a_blocks[i]`` (M, width) and
+    ``b_blocks[i]`` (N, width), contiguous FP32 K blocks; ``a_s`` (M, nk) tile scales; ``b_s`` B's scales, block
+    (ceil(N/bs), nk) or tile/row (N or 1, nk). No argument checks: callers made the operands. Returns (M, N) FP32."""
+    N = b_blocks[0].shape[0]
     a_s = _f32(a_s)  # (M, nk)
     b_s = _f32(b_s if b_s.shape[0] in (1, N) else expand_b_scales(b_s, N, block_size))  # (N or 1, nk): a row
     one = a_s.shape[1] == 1  # one K block: no per-block scale columns to cut out
     acc = None  # the FP32 accumulator
-    for i, (a_blk, b_blk) in enumerate(zip(_k_blocks(a, block_size), _k_blocks(b, block_size))):
+    for i, (a_blk, b_blk) in enumerate(zip(a_blocks, b_blocks)):
         sa, sb = (a_s, b_s.t()) if one else (a_s[:, i:i + 1], b_s[:, i])  # (M, 1) and a row over N
         part = torch.mm(a_blk, b_blk.t()).mul_(sa).mul_(sb)  # (M, N): this block's product · its two scales
         acc = part.add_(0.0) if acc is None else acc.add_(part)  # 0.0 + part: as if acc had started at zero
-    acc = acc if out_dtype == torch.float32 else acc.to(out_dtype)
-    return acc if len(lead) == 1 else acc.reshape(*lead, N)
+    return acc
+
+
+def sum_tiles(parts: torch.Tensor) -> torch.Tensor:
+    """Wgrad's tile products (tiles, n, K) added tile by tile into an FP32 accumulator that starts at zero."""
+    acc = parts[0].add_(0.0)  # as if the accumulator had started at zero
+    for i in range(1, parts.shape[0]):
+        acc.add_(parts[i])
+    return acc
 
 
 def tile_products(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128) -> torch.Tensor:
@@ -384,8 +404,4 @@ def wgrad_ref(tq: torch.Tensor, ts: torch.Tensor, n: int, block_size: int = 128)
     if tq.dim() != 2 or tq.shape[1] % block_size or ts.shape != (tq.shape[0], tq.shape[1] // block_size):
         raise ValueError(f"wgrad_ref: tq (rows, Mp) with Mp a multiple of {block_size} and ts (rows, Mp/"
                          f"{block_size}) expected, got {tuple(tq.shape)} and {tuple(ts.shape)}")
-    parts = tile_products(tq, ts, n, block_size)
-    acc = parts[0].add_(0.0)  # as if the accumulator had started at zero
-    for i in range(1, parts.shape[0]):
-        acc.add_(parts[i])
-    return acc
+    return sum_tiles(tile_products(tq, ts, n, block_size))

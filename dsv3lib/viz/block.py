@@ -93,7 +93,7 @@ def _moe_detail(ax, cfg: ModelConfig, x: float, moe_box):
             f"chosen ({cfg.n_activated_experts} per token)", ha="left", va="top", fontsize=9)
     weights = "$g_i = s_i\\,/\\,\\Sigma_j\\, s_j$" if cfg.norm_topk_prob else "$g_i = s_i$"
     weights += f" (× {cfg.route_scale:g})" if cfg.route_scale != 1 else ""
-    total = _plus(ax, x, 9.35)
+    _plus(ax, x, 9.35)
     for xi in [shared.x] + [xs[i] for i in sorted(chosen)]:
         arrow(ax, (xi, ye + 0.5), (x + (xi - x) * 0.08, 9.0), kind="moe", lw=0.9)
     ax.text(x + 0.45, 9.35, f"shared(u) + $\\Sigma_i\\, g_i\\,$expert$_i$(u)\n{weights}", ha="left", va="center", fontsize=9)

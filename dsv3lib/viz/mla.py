@@ -49,7 +49,7 @@ def draw_mla_dataflow(cfg: ModelConfig, absorbed: bool = True, ax=None):
     are taken in the latent space) and W_UV into the output, so the cache holds c_KV and k_R only,
     kv_lora_rank + qk_rope_head_dim numbers (V3: 576). Returns the figure.
     """
-    s, h = mla_sizes(cfg), cfg.n_heads
+    h = cfg.n_heads
     fig, ax = canvas(ax, (11, 4.6), (-0.2, 24.0), (0.0, 9.3))
     hb = box(ax, 1.0, 4.6, 1.8, 1.1, f"h\n{n(cfg.dim)}")
     # queries
@@ -75,8 +75,8 @@ def draw_mla_dataflow(cfg: ModelConfig, absorbed: bool = True, ax=None):
     arrow(ax, hb.right, kr.left, text="$W_{KR}$ (wkv_a)", offset=(-0.3, -0.1), ha="right")
     att = box(ax, 17.0, 5.0, 3.0, 7.4, None, "attention")
     if absorbed:
-        att_text = (f"attention in\nlatent space\n\nscores:\n$q_C W_{{UK}} \\cdot c_{{KV}}$\n+ $q_R \\cdot k_R$\n\n"
-                    f"mix $c_{{KV}}$")
+        att_text = ("attention in\nlatent space\n\nscores:\n$q_C W_{UK} \\cdot c_{KV}$\n+ $q_R \\cdot k_R$\n\n"
+                    "mix $c_{KV}$")
         cached = [ckv, kr]
         arrow(ax, ckv.right, (att.x - att.w / 2, 4.4), text="all heads\nread it", text_at=0.62, offset=(0, 0.6))
         arrow(ax, kr.right, (att.x - att.w / 2, 2.4))
