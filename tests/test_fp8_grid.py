@@ -92,4 +92,6 @@ def test_tile_products_fp32_is_the_fp8_route(n, k, mp):
     t = torch.randn(n + k, mp, generator=torch.Generator().manual_seed(3))
     t[:, mp - 50:] = 0  # padded tokens
     tq, ts = act_quant_ref(t, 128)
-    assert torch.equal(tile_products_fp32(t.clone(), n, 128, "t"), tile_products(tq, ts, n, 128))
+    p = t.t().contiguous()  # the token-major stack tile_products_fp32 takes
+    assert torch.equal(tile_products_fp32(p, n, 128, "t"), tile_products(tq, ts, n, 128))
+    assert torch.equal(p, t.t())  # left as it was

@@ -90,15 +90,16 @@ def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
     return blocks
 
 
-def tile_products_fp32(t: torch.Tensor, n: int, block_size: int, name: str) -> torch.Tensor:
-    """Wgrad's tile products from a tokens-last FP32 stack ``t`` = [dyᵀ; xᵀ] (n + K, Mp), Mp a multiple of the
-    block (zero-padded tokens): quantised along tokens in 1×``block_size`` tiles as ``act_quant_ref(t)`` would,
-    then :func:`~dsv3lib.fp8.quant.tile_products` of it: (tiles, n, K), the same bits. ``t`` is overwritten."""
-    rows, mp = t.shape
-    tt = t.view(rows, mp // block_size, block_size)
-    ts = _group_scales(_absmax(tt, -1), False, name)  # (n + K, tiles)
-    full = t.new_empty(mp // block_size, rows, block_size)  # tile-major, as tile_products decodes it
-    torch.div(tt, ts.unsqueeze(-1), out=full.transpose(0, 1))  # divide and re-lay out in one pass
+def tile_products_fp32(p: torch.Tensor, n: int, block_size: int, name: str) -> torch.Tensor:
+    """Wgrad's tile products from a token-major FP32 stack ``p`` = [dy | x] (Mp, n + K), Mp a multiple of the
+    block (zero rows for padded tokens): quantised along tokens in 128×1 tiles, as ``act_quant_ref`` quantises
+    the tokens-last stack ``pᵀ``, then :func:`~dsv3lib.fp8.quant.tile_products` of that: (tiles, n, K), the same
+    bits. ``p`` is left as it was."""
+    mp, cols = p.shape
+    pt = p.view(mp // block_size, block_size, cols)  # (tiles, bs, n + K)
+    ts = _group_scales(_absmax(pt, 1), False, name)  # (tiles, n + K): each column's amax over a tile's tokens
+    full = p.new_empty(mp // block_size, cols, block_size)  # tile-major tokens-last, as tile_products decodes it
+    torch.div(pt.transpose(1, 2), ts.unsqueeze(-1), out=full)  # divide and transpose in one pass
     round_to_e4m3_(full)
     parts = torch.bmm(full[:, :n], full[:, n:].transpose(1, 2))  # (tiles, n, K)
-    return parts.mul_(ts[:n].t().unsqueeze(-1)).mul_(ts[n:].t().unsqueeze(1))
+    return parts.mul_(ts[:, :n].unsqueeze(-1)).mul_(ts[:, n:].unsqueeze(1))

@@ -103,7 +103,7 @@ def _stacked_weight_grid(weights, bs: int, name: str):
 
 
 def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
-    """Wgrad's per-tile products for every expert that needs its dW: one tokens-last stack [dyᵀ; xᵀ] with each
+    """Wgrad's per-tile products for every expert that needs its dW: one token-major stack [dy | x] with each
     expert's tokens zero-padded to whole tiles, quantised as one ``act_quant_ref`` call would, all tiles'
     products in one batched GEMM (:func:`~dsv3lib.fp8.grid.tile_products_fp32`). x enters as its FP8
     values ``xd`` and their (R, 1 or K) scales: ``act_dequant``'s product, written straight into the stack.
@@ -113,14 +113,14 @@ def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, s
     for e, (r0, r1) in enumerate(spans):
         first.append(sum(n_tiles))
         n_tiles.append(-(-(r1 - r0) // bs) if need[e] else 0)
-    t = dy.new_zeros(N + K, sum(n_tiles) * bs)  # every expert's [dyᵀ; xᵀ] in its own whole tiles
+    p = dy.new_zeros(sum(n_tiles) * bs, N + K)  # every expert's [dy | x] in its own whole tiles of tokens
     for e, (r0, r1) in enumerate(spans):
         if need[e]:
             c = first[e] * bs
-            t[:N, c:c + r1 - r0] = dy[r0:r1].t()
-            torch.mul(xd[r0:r1].t(), x_scales[r0:r1].t(), out=t[N:, c:c + r1 - r0])  # x_hpᵀ
+            p[c:c + r1 - r0, :N] = dy[r0:r1]
+            torch.mul(xd[r0:r1], x_scales[r0:r1], out=p[c:c + r1 - r0, N:])  # x_hp
     keep = [e for e in range(len(spans)) if need[e]]
-    parts = tile_products_fp32(t, N, bs, "FP8 experts grad_output")
+    parts = tile_products_fp32(p, N, bs, "FP8 experts grad_output")
     return parts, [first[e] for e in keep], [n_tiles[e] for e in keep]
 
 

@@ -73,17 +73,16 @@ def _tokens_last(ts: list[torch.Tensor], block: int) -> torch.Tensor:
 
 
 def _cpu_wgrad(dy2: torch.Tensor, xg: torch.Tensor, xs: torch.Tensor, bs: int) -> torch.Tensor:
-    """Wgrad on the CPU path from x's E4M3 values ``xg`` (M, K) and tile scales ``xs``: the stack [dyᵀ; x_hpᵀ]
-    written in one pass each (x_hp = xg·s, what ``act_dequant`` gives), re-tiled along tokens, tile products."""
+    """Wgrad on the CPU path from x's E4M3 values ``xg`` (M, K) and tile scales ``xs``: the token-major stack
+    [dy | x_hp] (x_hp = xg·s, what ``act_dequant`` gives) with zero rows up to whole tiles, re-tiled along
+    tokens, tile products, summed tile by tile."""
     (M, N), K = dy2.shape, xg.shape[1]
-    mp = M + (-M % bs)
-    t = dy2.new_empty(N + K, mp)
-    if mp > M:
-        t[:, M:] = 0  # padded tokens: zeros add nothing
-    t[:N, :M] = dy2.t()
+    p = dy2.new_empty(M + (-M % bs), N + K)
+    p[M:] = 0  # padded tokens: zeros add nothing
+    p[:M, :N] = dy2
     x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (M, 1 or K)
-    torch.mul(xg.t(), x_scales.t(), out=t[N:, :M])  # x_hpᵀ
-    return quant.sum_tiles(grid.tile_products_fp32(t, N, bs, "FP8Linear grad_output"))
+    torch.mul(xg, x_scales, out=p[:M, N:])  # x_hp
+    return quant.sum_tiles(grid.tile_products_fp32(p, N, bs, "FP8Linear grad_output"))
 
 
 class FP8LinearFunction(torch.autograd.Function):
