@@ -95,3 +95,16 @@ def test_tile_products_fp32_is_the_fp8_route(n, k, mp):
     p = t.t().contiguous()  # the token-major stack tile_products_fp32 takes
     assert torch.equal(tile_products_fp32(p, n, 128, "t"), tile_products(tq, ts, n, 128))
     assert torch.equal(p, t.t())  # left as it was
+
+
+def test_subnormal_scales_take_the_cast():
+    # a tile whose amax/448 is below FP32's normal range: x/s can pass 464, where only the cast saturates
+    x = torch.linspace(1e-44, 9.4e-43, 600).view(3, 200)  # s a few subnormal steps: x/s reaches ~670
+    g, s = grid_act(x, 128, "x")
+    q, sq = act_quant_ref(x)
+    want = fp8_to_float(q)
+    assert torch.equal(s, sq) and torch.equal(g.nan_to_num(7.0), want.nan_to_num(7.0))
+    w = torch.linspace(-9.4e-43, 9.4e-43, 130 * 64).view(130, 64)
+    gw, sw = grid_weight(w, 128, "w")
+    qw, _ = weight_quant_ref(w)
+    assert torch.equal(gw.nan_to_num(7.0), fp8_to_float(qw).nan_to_num(7.0))

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from .quant import _absmax, _f32, _group_scales, _groups
+from .quant import _absmax, _cast, _f32, _group_scales, _groups, fp8_to_float
 
-__all__ = ["round_to_e4m3_", "grid_act", "grid_weight", "split_k", "tile_products_fp32"]
+__all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_weight", "split_k", "tile_products_fp32"]
 
 _EXP = 0x7F800000  # FP32 exponent field
 _FLOOR = 121 << 23  # the exponent field of 2⁻⁶, E4M3's smallest normal: below it the grid step stays 2⁻⁹
 _MAGIC = (20 << 23) | 0x400000  # added to an exponent field: ×2²⁰, with mantissa 1.5
 _CHUNK = 1 << 16  # elements per pass: four passes over a chunk stay in a core's L2 cache
+_TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32: a scale below it may put x / s past 464
 
 
 def round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,15 @@ def round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
+def values_of(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The E4M3 values of ``v = x / s`` as a contiguous FP32 tensor: :func:`round_to_e4m3_`, or the cast and
+    decode where a scale is subnormal (an amax below ~5e-36), since only a normal ``s`` bounds |v| by 464."""
+    v = v if v.is_contiguous() else v.contiguous()
+    if s.numel() and s.amin().item() < _TINY:
+        return fp8_to_float(_cast(v))
+    return round_to_e4m3_(v)
+
+
 def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = act_quant_ref(x, block_size)`` of a (M, K) matrix, K ≥ 1, as a
     contiguous (M, K) FP32 tensor and the (M, ceil(K/bs)) tile scales, without making ``q``."""
@@ -57,7 +67,7 @@ def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor,
         s = _group_scales(_absmax(xt, -1), False, name)  # (M, nk)
         v = (xt / s.unsqueeze(-1)).flatten(-2)
         v = v[..., :K] if pad else v
-    return round_to_e4m3_(v if v.is_contiguous() else v.contiguous()), s
+    return values_of(v, s), s
 
 
 def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +84,7 @@ def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tens
         s = _group_scales(_absmax(wb, (1, 3)), False, name)  # (nn, nk)
         v = (wb / s[:, None, :, None]).flatten(2).flatten(0, 1)
         v = v[:N, :K] if pad_n or pad_k else v
-    return round_to_e4m3_(v if v.is_contiguous() else v.contiguous()), s
+    return values_of(v, s), s
 
 
 def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -100,6 +110,6 @@ def tile_products_fp32(p: torch.Tensor, n: int, block_size: int, name: str) -> t
     ts = _group_scales(_absmax(pt, 1), False, name)  # (tiles, n + K): each column's amax over a tile's tokens
     full = p.new_empty(mp // block_size, cols, block_size)  # tile-major tokens-last, as tile_products decodes it
     torch.div(pt.transpose(1, 2), ts.unsqueeze(-1), out=full)  # divide and transpose in one pass
-    round_to_e4m3_(full)
+    full = values_of(full, ts)
     parts = torch.bmm(full[:, :n], full[:, n:].transpose(1, 2))  # (tiles, n, K)
     return parts.mul_(ts[:, :n].unsqueeze(-1)).mul_(ts[:, n:].unsqueeze(1))

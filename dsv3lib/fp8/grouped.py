@@ -24,7 +24,7 @@ from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
-from .grid import grid_act, round_to_e4m3_, tile_products_fp32
+from .grid import grid_act, tile_products_fp32, values_of
 from .quant import _absmax, _group_scales, _groups
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
@@ -99,7 +99,7 @@ def _stacked_weight_grid(weights, bs: int, name: str):
     wb, pad_k = _groups(wb, 3, bs)  # (E, nn, bn, nk, bk)
     s = _group_scales(_absmax(wb, (2, 4)), False, name)  # (E, nn, nk)
     y = (wb / s[:, :, None, :, None]).flatten(3).flatten(1, 2)
-    return round_to_e4m3_(y[:, :N, :K].contiguous() if pad_n or pad_k else y), s
+    return values_of(y[:, :N, :K] if pad_n or pad_k else y, s), s
 
 
 def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
