@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import _absmax, _cast, _f32, _group_scales, _groups, fp8_to_float
+from .quant import _absmax, _cast, _group_scales, act_scaled, fp8_to_float, weight_scaled
 
 __all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_weight", "split_k", "tile_products_fp32"]
 
@@ -57,33 +57,14 @@ def values_of(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = act_quant_ref(x, block_size)`` of a (M, K) matrix, K ≥ 1, as a
     contiguous (M, K) FP32 tensor and the (M, ceil(K/bs)) tile scales, without making ``q``."""
-    K = x.shape[-1]
-    xf = _f32(x)
-    if K <= block_size:  # one (maybe partial) tile per row
-        s = _group_scales(_absmax(xf, -1, True), False, name)  # (M, 1)
-        v = xf / s
-    else:
-        xt, pad = _groups(xf, -1, block_size)  # (M, nk, bs)
-        s = _group_scales(_absmax(xt, -1), False, name)  # (M, nk)
-        v = (xt / s.unsqueeze(-1)).flatten(-2)
-        v = v[..., :K] if pad else v
+    v, s = act_scaled(x, block_size, False, name)
     return values_of(v, s), s
 
 
 def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = weight_quant_ref(w, block_size)`` of a non-empty (N, K) weight:
     a contiguous (N, K) FP32 tensor and the (ceil(N/bs), ceil(K/bs)) block scales."""
-    N, K = w.shape
-    wf = _f32(w)
-    if N <= block_size and K <= block_size:  # one (maybe partial) block
-        s = _group_scales(_absmax(wf, (0, 1), True), False, name)  # (1, 1)
-        v = wf / s
-    else:
-        wb, pad_n = _groups(wf, 0, block_size)
-        wb, pad_k = _groups(wb, 2, block_size)  # (nn, bs, nk, bs)
-        s = _group_scales(_absmax(wb, (1, 3)), False, name)  # (nn, nk)
-        v = (wb / s[:, None, :, None]).flatten(2).flatten(0, 1)
-        v = v[:N, :K] if pad_n or pad_k else v
+    v, s = weight_scaled(w, block_size, False, name)
     return values_of(v, s), s
 
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from .formats import FP8_DTYPE, FP8_MAX
 
 __all__ = ["check_finite", "check_block_size", "check_scales", "check_tensor", "compute_scale", "fp8_to_float",
-           "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_dequant", "weight_quant_ref",
+           "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_scaled", "act_dequant", "weight_quant_ref",
+           "weight_scaled",
            "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "gemm_blocks", "tile_products",
            "sum_tiles", "wgrad_ref"]
 
@@ -208,14 +209,22 @@ def act_quant_ref(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False,
     K = x.shape[-1]
     if K == 0:
         raise ValueError(f"{name}: has no channels to quantise (shape {tuple(x.shape)})")
+    y, s = act_scaled(x, block_size, pow2, name)
+    return _cast(y), s
+
+
+def act_scaled(x: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`act_quant_ref` up to the rounding, without its argument checks: ``(x / s, s)`` in FP32 (the first
+    maybe a strided view), whose E4M3 rounding is the quantised tensor. The NaN/inf check happens here."""
+    K = x.shape[-1]
     xf = _f32(x)
     if K <= block_size:  # one (maybe partial) tile per row: no reshaping
         s = _group_scales(_absmax(xf, -1, True), pow2, name)  # (..., 1)
-        return _cast(xf / s), s
+        return xf / s, s
     xt, pad = _groups(xf, -1, block_size)  # (..., nk, bs)
     s = _group_scales(_absmax(xt, -1), pow2, name)  # (..., nk)
     y = (xt / s.unsqueeze(-1)).flatten(-2)
-    return _cast(y[..., :K] if pad else y), s
+    return (y[..., :K] if pad else y), s
 
 
 def act_dequant(x_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
@@ -253,16 +262,23 @@ def weight_quant_ref(w: torch.Tensor, block_size: int = 128, *, pow2: bool = Fal
         raise ValueError(f"weight_quant: {name} must be 2-D (N, K), got shape {tuple(w.shape)}")
     if not w.numel():
         raise ValueError(f"{name}: is empty (shape {tuple(w.shape)}); nothing to quantise")
+    y, s = weight_scaled(w, block_size, pow2, name)
+    return _cast(y), s
+
+
+def weight_scaled(w: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weight_quant_ref` up to the rounding, without its argument checks: ``(w / s, s)`` in FP32 (the
+    first maybe a strided view) for a non-empty (N, K) ``w``. The NaN/inf check happens here."""
     N, K = w.shape
     wf = _f32(w)
     if N <= block_size and K <= block_size:  # one (maybe partial) block: no reshaping
         s = _group_scales(_absmax(wf, (0, 1), True), pow2, name)  # (1, 1)
-        return _cast(wf / s), s
+        return wf / s, s
     wb, pad_n = _groups(wf, 0, block_size)
     wb, pad_k = _groups(wb, 2, block_size)  # (nn, bs, nk, bs)
     s = _group_scales(_absmax(wb, (1, 3)), pow2, name)  # (nn, nk)
     y = (wb / s[:, None, :, None]).flatten(2).flatten(0, 1)
-    return _cast(y[:N, :K] if pad_n or pad_k else y), s
+    return (y[:N, :K] if pad_n or pad_k else y), s
 
 
 def weight_dequant(w_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
