@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsv3lib.fp8 import act_quant_ref, fp8_to_float, weight_quant_ref
-from dsv3lib.fp8.grid import grid_act, grid_weight, round_to_e4m3_, split_k, tile_products_fp32
+from dsv3lib.fp8.grid import (Recent, clear_caches, grid_act, grid_weight, round_to_e4m3_, shared_act, split_k,
+                              tile_products_fp32, token_tiles)
 from dsv3lib.fp8.quant import _k_blocks, tile_products
 
 FP8 = torch.float8_e4m3fn
@@ -87,14 +88,58 @@ def test_grid_refuses_nan_naming_the_tensor():
         grid_act(x, 128, "FP8Linear input")
 
 
-@pytest.mark.parametrize("n,k,mp", [(64, 128, 256), (384, 128, 512), (80, 200, 128)])
+@pytest.mark.parametrize("n,k,mp", [(64, 128, 256), (384, 128, 512), (80, 200, 128), (128, 64, 3072),
+                                    (7, 300, 256), (130, 257, 384)])
 def test_tile_products_fp32_is_the_fp8_route(n, k, mp):
+    # dy and x quantised along tokens on their own, token-major, against the FP8 route's tokens-last stack
     t = torch.randn(n + k, mp, generator=torch.Generator().manual_seed(3))
+    t *= torch.rand(1, mp, generator=torch.Generator().manual_seed(4))  # tokens of different sizes
     t[:, mp - 50:] = 0  # padded tokens
     tq, ts = act_quant_ref(t, 128)
-    p = t.t().contiguous()  # the token-major stack tile_products_fp32 takes
-    assert torch.equal(tile_products_fp32(p, n, 128, "t"), tile_products(tq, ts, n, 128))
-    assert torch.equal(p, t.t())  # left as it was
+    dy, x = t[:n].t().contiguous(), t[n:].t().contiguous()  # token-major, as FP8Linear holds them
+    dv, ds = token_tiles(dy, 128, "dy")
+    xv, xs = token_tiles(x.clone(), 128, "x", inplace=True)
+    assert torch.equal(dy, t[:n].t())  # left as it was
+    assert torch.equal(ds, ts[:n].t()) and torch.equal(xs, ts[n:].t())
+    assert torch.equal(tile_products_fp32(dv, ds, xv, xs), tile_products(tq, ts, n, 128))
+
+
+def test_recent_finds_only_the_same_unchanged_tensor():
+    cache, calls = Recent(2), []
+
+    def make(t):
+        calls.append(1)
+        return t.sum().item()
+
+    a = torch.ones(4, 3)
+    assert cache.get((a,), "k", lambda: make(a)) == 12 and cache.get((a.view(4, 3),), "k", lambda: make(a)) == 12
+    assert len(calls) == 1  # a view with the same storage, layout and version: found
+    assert cache.get((a,), "other", lambda: make(a)) == 12 and len(calls) == 2  # another key
+    a.add_(1)  # an in-place change bumps the version: computed again
+    assert cache.get((a,), "k", lambda: make(a)) == 24 and len(calls) == 3
+    b = torch.ones(4, 3)  # same shape and values, other storage
+    assert cache.get((b,), "k", lambda: make(b)) == 12 and len(calls) == 4
+    assert cache.get((a.t(),), "k", lambda: make(a)) == 24 and len(calls) == 5  # other strides
+    assert len(cache.entries) == 2  # bounded
+    with torch.inference_mode():
+        c = torch.ones(2)
+    cache.get((c,), "k", lambda: make(c))
+    cache.get((c,), "k", lambda: make(c))
+    assert len(calls) == 7  # inference tensors carry no version: never cached
+
+
+def test_shared_act_is_grid_act_and_computed_once():
+    clear_caches()
+    x = torch.randn(40, 200, generator=torch.Generator().manual_seed(5))
+    g1, s1 = shared_act(x, 128, "x")
+    g2, s2 = shared_act(x.view(40, 200), 128, "x")
+    assert g1 is g2 and s1 is s2
+    g, s = grid_act(x, 128, "x")
+    assert torch.equal(g1, g) and torch.equal(s1, s)
+    x.mul_(2)
+    g3, _ = shared_act(x, 128, "x")
+    assert g3 is not g1 and torch.equal(g3, grid_act(x, 128, "x")[0])
+    clear_caches()
 
 
 def test_subnormal_scales_take_the_cast():

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from .formats import FP8_MAX
 from .quant import _absmax, _cast, _group_scales, act_scaled, fp8_to_float, weight_scaled
 
-__all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_weight", "split_k", "tile_products_fp32"]
+__all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_weight", "split_k", "token_tiles", "tile_products_fp32",
+           "Recent", "shared_act", "clear_caches"]
 
 _EXP = 0x7F800000  # FP32 exponent field
 _FLOOR = 121 << 23  # the exponent field of 2⁻⁶, E4M3's smallest normal: below it the grid step stays 2⁻⁹
 _MAGIC = (20 << 23) | 0x400000  # added to an exponent field: ×2²⁰, with mantissa 1.5
 _CHUNK = 1 << 16  # elements per pass: four passes over a chunk stay in a core's L2 cache
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32: a scale below it may put x / s past 464
+_SMALL_AMAX = 2 * _TINY * FP8_MAX  # an amax at least this has a normal scale amax / 448 (with room to spare)
 
 
 def round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
@@ -45,27 +48,31 @@ def round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def values_of(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The E4M3 values of ``v = x / s`` as a contiguous FP32 tensor: :func:`round_to_e4m3_`, or the cast and
-    decode where a scale is subnormal (an amax below ~5e-36), since only a normal ``s`` bounds |v| by 464."""
+def values_of(v: torch.Tensor, s: torch.Tensor, lo: float | None = None) -> torch.Tensor:
+    """The E4M3 values of ``v = x / s`` as a contiguous FP32 tensor: :func:`round_to_e4m3_` (in place when ``v`` is
+    contiguous), or the cast and decode where a scale may be subnormal (an amax below ~5e-36), since only a normal
+    ``s`` bounds |v| by 464. ``lo``, the smallest group amax if the caller has it (``quant._group_scales``), saves
+    looking at ``s``: any amax under twice the bound takes the cast, which is always right, only slower."""
     v = v if v.is_contiguous() else v.contiguous()
-    if s.numel() and s.amin().item() < _TINY:
-        return fp8_to_float(_cast(v))
-    return round_to_e4m3_(v)
+    if lo is not None and lo > 0:
+        small = lo < _SMALL_AMAX
+    else:  # a group of zeros (scale 1) hides the smallest non-zero amax: look at the scales themselves
+        small = bool(s.numel()) and s.amin().item() < _TINY
+    return fp8_to_float(_cast(v)) if small else round_to_e4m3_(v)
 
 
 def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = act_quant_ref(x, block_size)`` of a (M, K) matrix, K ≥ 1, as a
     contiguous (M, K) FP32 tensor and the (M, ceil(K/bs)) tile scales, without making ``q``."""
-    v, s = act_scaled(x, block_size, False, name)
-    return values_of(v, s), s
+    v, s, lo = act_scaled(x, block_size, False, name)
+    return values_of(v, s, lo), s
 
 
 def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = weight_quant_ref(w, block_size)`` of a non-empty (N, K) weight:
     a contiguous (N, K) FP32 tensor and the (ceil(N/bs), ceil(K/bs)) block scales."""
-    v, s = weight_scaled(w, block_size, False, name)
-    return values_of(v, s), s
+    v, s, lo = weight_scaled(w, block_size, False, name)
+    return values_of(v, s, lo), s
 
 
 def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -81,16 +88,62 @@ def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
     return blocks
 
 
-def tile_products_fp32(p: torch.Tensor, n: int, block_size: int, name: str) -> torch.Tensor:
-    """Wgrad's tile products from a token-major FP32 stack ``p`` = [dy | x] (Mp, n + K), Mp a multiple of the
-    block (zero rows for padded tokens): quantised along tokens in 128×1 tiles, as ``act_quant_ref`` quantises
-    the tokens-last stack ``pᵀ``, then :func:`~dsv3lib.fp8.quant.tile_products` of that: (tiles, n, K), the same
-    bits. ``p`` is left as it was."""
-    mp, cols = p.shape
-    pt = p.view(mp // block_size, block_size, cols)  # (tiles, bs, n + K)
-    ts = _group_scales(_absmax(pt, 1), False, name)  # (tiles, n + K): each column's amax over a tile's tokens
-    full = p.new_empty(mp // block_size, cols, block_size)  # tile-major tokens-last, as tile_products decodes it
-    torch.div(pt.transpose(1, 2), ts.unsqueeze(-1), out=full)  # divide and transpose in one pass
-    full = values_of(full, ts)
-    parts = torch.bmm(full[:, :n], full[:, n:].transpose(1, 2))  # (tiles, n, K)
-    return parts.mul_(ts[:, :n].unsqueeze(-1)).mul_(ts[:, n:].unsqueeze(1))
+def token_tiles(a: torch.Tensor, block_size: int, name: str, *, inplace: bool = False):
+    """Quantise a token-major FP32 matrix ``a`` (Mp, C), Mp a multiple of the block (zero rows for padded tokens),
+    along tokens: each column's 128×1 tiles, as ``act_quant_ref`` quantises the tokens-last ``aᵀ``. Returns the
+    E4M3 values token-major, (tiles, bs, C), and the (tiles, C) scales; ``inplace`` lets them overwrite ``a``."""
+    mp, cols = a.shape
+    at = a.reshape(mp // block_size, block_size, cols)  # a view unless ``a`` is strided (then ``inplace`` is moot)
+    s, lo = _group_scales(_absmax(at, 1), False, name)  # each column's amax over a tile's tokens
+    v = at.div_(s.unsqueeze(1)) if inplace else at / s.unsqueeze(1)
+    return values_of(v, s, lo), s
+
+
+def tile_products_fp32(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Wgrad's tile products from dy's and x's :func:`token_tiles` (values (tiles, bs, n) and (tiles, bs, K), scales
+    (tiles, n) and (tiles, K)): :func:`~dsv3lib.fp8.quant.tile_products` of the tokens-last stack [dyᵀ; xᵀ], (tiles,
+    n, K), the same bits. The batched GEMM reads both token-major (tests/test_fp8_grid.py checks that the
+    transposed operand changes no bit)."""
+    parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, n, K)
+    return parts.mul_(ds.unsqueeze(-1)).mul_(xs.unsqueeze(1))
+
+
+class Recent:
+    """The last few results of a function of some tensors, for the sibling layers that quantise one tensor twice
+    (MLA's ``wq_a`` and ``wkv_a`` read the same x, an FFN's ``w1`` and ``w3`` too, forward and Wgrad).
+
+    An entry is found only for the same storage, offset, shape, strides, dtype and version counter (an in-place
+    change bumps the version) and the same ``extra``; it holds its tensors, so their memory cannot be reused by
+    another tensor while the entry lives. Inference tensors carry no version and are never cached."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra, make):
+        if any(t.is_inference() for t in tensors):
+            return make()
+        key = (extra, *((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in tensors))
+        for k, _, value in self.entries:
+            if k == key:
+                return value
+        value = make()
+        self.entries = [(key, tensors, value)] + self.entries[:self.size - 1]
+        return value
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+inputs = Recent()  # forward: an input's E4M3 values and tile scales
+x_tiles = Recent()  # backward: x's E4M3 values re-tiled along tokens for Wgrad
+
+
+def clear_caches() -> None:
+    """Forget the cached quantisations (they also go as new ones push them out: a few entries each)."""
+    inputs.clear()
+    x_tiles.clear()
+
+
+def shared_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grid_act` of a layer input, computed once for sibling layers reading the same unchanged tensor."""
+    return inputs.get((x,), ("act", block_size), lambda: grid_act(x, block_size, name))

@@ -24,7 +24,7 @@ from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
-from .grid import grid_act, tile_products_fp32, values_of
+from .grid import grid_act, shared_act, tile_products_fp32, token_tiles, values_of, x_tiles
 from .quant import _absmax, _group_scales, _groups
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
@@ -97,30 +97,49 @@ def _stacked_weight_grid(weights, bs: int, name: str):
     N, K = w.shape[1:]
     wb, pad_n = _groups(w, 1, bs)  # (E, nn, bn, K)
     wb, pad_k = _groups(wb, 3, bs)  # (E, nn, bn, nk, bk)
-    s = _group_scales(_absmax(wb, (2, 4)), False, name)  # (E, nn, nk)
+    s, lo = _group_scales(_absmax(wb, (2, 4)), False, name)  # (E, nn, nk)
     y = (wb / s[:, :, None, :, None]).flatten(3).flatten(1, 2)
-    return values_of(y[:, :N, :K] if pad_n or pad_k else y, s), s
+    return values_of(y[:, :N, :K] if pad_n or pad_k else y, s, lo), s
 
 
-def _tile_products(xd: torch.Tensor, x_scales: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
-    """Wgrad's per-tile products for every expert that needs its dW: one token-major stack [dy | x] with each
-    expert's tokens zero-padded to whole tiles, quantised as one ``act_quant_ref`` call would, all tiles'
-    products in one batched GEMM (:func:`~dsv3lib.fp8.grid.tile_products_fp32`). x enters as its FP8
-    values ``xd`` and their (R, 1 or K) scales: ``act_dequant``'s product, written straight into the stack.
-    Returns the (tiles, N, K) products and each expert's first tile and tile count."""
-    N, K = dy.shape[1], xd.shape[1]
+def _by_expert_tiles(src: torch.Tensor, spans, first, n_tiles, bs: int, scales: torch.Tensor | None = None):
+    """Each expert's rows of ``src`` (R, C) in its own whole tiles of tokens, zero rows after them: (tiles·bs, C),
+    times ``scales`` (R, 1 or C) on the way if given (x_hp = x's values · their scales, as ``act_dequant``)."""
+    out = src.new_empty(sum(n_tiles) * bs, src.shape[1])
+    for (r0, r1), f, n in zip(spans, first, n_tiles):
+        if n:
+            c, rows = f * bs, r1 - r0
+            if scales is None:
+                out[c:c + rows] = src[r0:r1]
+            else:
+                torch.mul(src[r0:r1], scales[r0:r1], out=out[c:c + rows])
+            out[c + rows:c + n * bs] = 0  # padded tokens: zeros add nothing
+    return out
+
+
+def _tile_products(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
+    """Wgrad's per-tile products for every expert that needs its dW: dy and x_hp laid out with each expert's
+    tokens zero-padded to whole tiles, quantised along tokens as one ``act_quant_ref`` call of the tokens-last
+    stack [dyᵀ; xᵀ] would, all tiles' products in one batched GEMM (:func:`~dsv3lib.fp8.grid.tile_products_fp32`).
+    x enters as its FP8 values ``xd`` and tile scales ``xs``; its re-tiled form is shared by sibling calls on
+    the same rows (``grid.x_tiles``: w1 and w3). Returns the (tiles, N, K) products and each expert's first
+    tile and tile count."""
+    K = xd.shape[1]
     first, n_tiles = [], []
     for e, (r0, r1) in enumerate(spans):
         first.append(sum(n_tiles))
         n_tiles.append(-(-(r1 - r0) // bs) if need[e] else 0)
-    p = dy.new_zeros(sum(n_tiles) * bs, N + K)  # every expert's [dy | x] in its own whole tiles of tokens
-    for e, (r0, r1) in enumerate(spans):
-        if need[e]:
-            c = first[e] * bs
-            p[c:c + r1 - r0, :N] = dy[r0:r1]
-            torch.mul(xd[r0:r1], x_scales[r0:r1], out=p[c:c + r1 - r0, N:])  # x_hp
+
+    def x_part():
+        x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (R, 1 or K)
+        px = _by_expert_tiles(xd, spans, first, n_tiles, bs, x_scales)
+        return token_tiles(px, bs, "FP8 experts input", inplace=True)  # finite by construction
+
+    xv, xts = x_tiles.get((xd, xs), ("experts", bs, tuple(spans), tuple(need)), x_part)
+    pdy = _by_expert_tiles(dy, spans, first, n_tiles, bs)
+    dv, dts = token_tiles(pdy, bs, "FP8 experts grad_output", inplace=True)
+    parts = tile_products_fp32(dv, dts, xv, xts)
     keep = [e for e in range(len(spans)) if need[e]]
-    parts = tile_products_fp32(p, N, bs, "FP8 experts grad_output")
     return parts, [first[e] for e in keep], [n_tiles[e] for e in keep]
 
 
@@ -136,7 +155,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         bs, N = block_size, weights[0].shape[0]
         ends = torch.tensor(counts).cumsum(0).tolist()
         spans = [(end - c, end) for c, end in zip(counts, ends)]
-        xd, xs = grid_act(x, bs, "FP8 experts input")  # (R, K) FP8 values in FP32, (R, nk)
+        xd, xs = shared_act(x, bs, "FP8 experts input")  # (R, K) FP8 values in FP32, (R, nk); w1, w3 share
         wd, ws = _stacked_weight_grid(weights, bs, "FP8 expert weights")  # (E, N, K) values, (E, nn, nk)
         y = _gemm([b[0] for b in _blocks(xd.unsqueeze(0), bs)], xs, _blocks(wd, bs), _row_scales(ws, N, bs),
                   spans, N)  # Fprop
@@ -166,8 +185,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dws = [None] * len(spans)
             if not any(need):
                 return dws
-            x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (R, 1 or K)
-            parts, first, n_tiles = _tile_products(xd, x_scales, dy2, spans, need, bs)  # each tile's product
+            parts, first, n_tiles = _tile_products(xd, xs, dy2, spans, need, bs)  # each tile's product
             acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum, in fp8_gemm_ref's order
             for i in range(1, max(n_tiles)):
                 more = [j for j, n in enumerate(n_tiles) if n > i]

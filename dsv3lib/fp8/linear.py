@@ -72,17 +72,34 @@ def _tokens_last(ts: list[torch.Tensor], block: int) -> torch.Tensor:
     return out
 
 
+def _x_token_tiles(xg: torch.Tensor, xs: torch.Tensor, bs: int, mp: int):
+    """x re-tiled along tokens for Wgrad (V3 §3.5.2: dequantise the cached FP8 input, requantise along tokens):
+    x_hp = xg·s, what ``act_dequant`` gives, zero-padded to ``mp`` tokens, then :func:`~dsv3lib.fp8.grid.token_tiles`.
+    Sibling layers that read the same input share it (``grid.x_tiles``)."""
+    def make():
+        M, K = xg.shape
+        p = xg.new_empty(mp, K)
+        p[M:] = 0  # padded tokens: zeros add nothing
+        torch.mul(xg, xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K], out=p[:M])  # x_hp
+        return grid.token_tiles(p, bs, "FP8Linear input", inplace=True)  # finite by construction
+
+    return grid.x_tiles.get((xg, xs), ("linear", bs, mp), make)
+
+
 def _cpu_wgrad(dy2: torch.Tensor, xg: torch.Tensor, xs: torch.Tensor, bs: int) -> torch.Tensor:
-    """Wgrad on the CPU path from x's E4M3 values ``xg`` (M, K) and tile scales ``xs``: the token-major stack
-    [dy | x_hp] (x_hp = xg·s, what ``act_dequant`` gives) with zero rows up to whole tiles, re-tiled along
-    tokens, tile products, summed tile by tile."""
-    (M, N), K = dy2.shape, xg.shape[1]
-    p = dy2.new_empty(M + (-M % bs), N + K)
-    p[M:] = 0  # padded tokens: zeros add nothing
-    p[:M, :N] = dy2
-    x_scales = xs if K <= bs else xs.repeat_interleave(bs, dim=-1)[:, :K]  # (M, 1 or K)
-    torch.mul(xg, x_scales, out=p[:M, N:])  # x_hp
-    return quant.sum_tiles(grid.tile_products_fp32(p, N, bs, "FP8Linear grad_output"))
+    """Wgrad on the CPU path from x's E4M3 values ``xg`` (M, K) and tile scales ``xs``: dy and x_hp each
+    quantised along tokens (128×1 tiles, zero rows up to whole tiles), tile products, summed tile by tile."""
+    M, N = dy2.shape
+    mp = M + (-M % bs)
+    name = "FP8Linear grad_output"
+    if mp == M:
+        dv, ds = grid.token_tiles(dy2, bs, name)
+    else:
+        p = dy2.new_zeros(mp, N)
+        p[:M] = dy2
+        dv, ds = grid.token_tiles(p, bs, name, inplace=True)
+    xv, xts = _x_token_tiles(xg, xs, bs, mp)
+    return quant.sum_tiles(grid.tile_products_fp32(dv, ds, xv, xts))
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -96,7 +113,7 @@ class FP8LinearFunction(torch.autograd.Function):
         if x.device.type == "cpu" and weight.numel() and not use_triton(x, **gemm._NEEDS):
             # no FP8 GEMM here: the operands' E4M3 values in FP32, without FP8 bytes (grid.py)
             quant.check_block_size(block_size)
-            xq, xs = grid.grid_act(x2, block_size, "FP8Linear input")  # (M, K) values, (M, K/128)
+            xq, xs = grid.shared_act(x2, block_size, "FP8Linear input")  # (M, K) values, (M, K/128)
             wq, ws = grid.grid_weight(weight, block_size, "FP8Linear weight")  # (N, K) values, (N/128, K/128)
             y = quant.gemm_blocks(grid.split_k(xq, block_size), xs, grid.split_k(wq, block_size), ws, block_size)
         else:

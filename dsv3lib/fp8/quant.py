@@ -87,16 +87,20 @@ def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     return torch.where(amax > 0, s, 1.0)
 
 
-def _group_scales(amax: torch.Tensor, pow2: bool, name: str) -> torch.Tensor:
+def _group_scales(amax: torch.Tensor, pow2: bool, name: str) -> tuple[torch.Tensor, float]:
     """``check_finite(amax, name)`` then ``compute_scale(amax, pow2)``, in two small ops when no group is all zero
-    (the usual case): amax is NaN/inf iff its group holds one, so this checks all of the quantiser's input."""
+    (the usual case): amax is NaN/inf iff its group holds one, so this checks all of the quantiser's input.
+    Returns the scales and the smallest amax as a float (0.0 if a group is all zero; inf if there are none),
+    which tells :mod:`~dsv3lib.fp8.grid` whether a scale can be subnormal without another look at them."""
+    lo = math.inf
     if amax.numel():
-        lo, hi = torch.aminmax(amax)  # NaN propagates to both
+        lo_t, hi = torch.aminmax(amax)  # NaN propagates to both
         if not math.isfinite(hi):
             check_finite(amax, name)  # raises
-        if not pow2 and lo.item() > 0:
-            return amax / FP8_MAX  # = compute_scale(amax): the "amax == 0 → 1" rule has nothing to do
-    return compute_scale(amax, pow2)
+        lo = lo_t.item()
+        if not pow2 and lo > 0:
+            return amax / FP8_MAX, lo  # = compute_scale(amax): the "amax == 0 → 1" rule has nothing to do
+    return compute_scale(amax, pow2), lo
 
 
 _BIG = 1 << 17  # elements: above this an |x| temporary costs more than a second read of x
@@ -209,22 +213,23 @@ def act_quant_ref(x: torch.Tensor, block_size: int = 128, *, pow2: bool = False,
     K = x.shape[-1]
     if K == 0:
         raise ValueError(f"{name}: has no channels to quantise (shape {tuple(x.shape)})")
-    y, s = act_scaled(x, block_size, pow2, name)
+    y, s, _ = act_scaled(x, block_size, pow2, name)
     return _cast(y), s
 
 
-def act_scaled(x: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`act_quant_ref` up to the rounding, without its argument checks: ``(x / s, s)`` in FP32 (the first
-    maybe a strided view), whose E4M3 rounding is the quantised tensor. The NaN/inf check happens here."""
+def act_scaled(x: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`act_quant_ref` up to the rounding, without its argument checks: ``(x / s, s, lo)`` in FP32 (the first
+    maybe a strided view), whose E4M3 rounding is the quantised tensor; ``lo`` the smallest tile amax
+    (:func:`_group_scales`). The NaN/inf check happens here."""
     K = x.shape[-1]
     xf = _f32(x)
     if K <= block_size:  # one (maybe partial) tile per row: no reshaping
-        s = _group_scales(_absmax(xf, -1, True), pow2, name)  # (..., 1)
-        return xf / s, s
+        s, lo = _group_scales(_absmax(xf, -1, True), pow2, name)  # (..., 1)
+        return xf / s, s, lo
     xt, pad = _groups(xf, -1, block_size)  # (..., nk, bs)
-    s = _group_scales(_absmax(xt, -1), pow2, name)  # (..., nk)
+    s, lo = _group_scales(_absmax(xt, -1), pow2, name)  # (..., nk)
     y = (xt / s.unsqueeze(-1)).flatten(-2)
-    return (y[..., :K] if pad else y), s
+    return (y[..., :K] if pad else y), s, lo
 
 
 def act_dequant(x_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
@@ -262,23 +267,24 @@ def weight_quant_ref(w: torch.Tensor, block_size: int = 128, *, pow2: bool = Fal
         raise ValueError(f"weight_quant: {name} must be 2-D (N, K), got shape {tuple(w.shape)}")
     if not w.numel():
         raise ValueError(f"{name}: is empty (shape {tuple(w.shape)}); nothing to quantise")
-    y, s = weight_scaled(w, block_size, pow2, name)
+    y, s, _ = weight_scaled(w, block_size, pow2, name)
     return _cast(y), s
 
 
-def weight_scaled(w: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`weight_quant_ref` up to the rounding, without its argument checks: ``(w / s, s)`` in FP32 (the
-    first maybe a strided view) for a non-empty (N, K) ``w``. The NaN/inf check happens here."""
+def weight_scaled(w: torch.Tensor, block_size: int, pow2: bool, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`weight_quant_ref` up to the rounding, without its argument checks: ``(w / s, s, lo)`` in FP32 (the
+    first maybe a strided view) for a non-empty (N, K) ``w``, ``lo`` the smallest block amax. The NaN/inf check
+    happens here."""
     N, K = w.shape
     wf = _f32(w)
     if N <= block_size and K <= block_size:  # one (maybe partial) block: no reshaping
-        s = _group_scales(_absmax(wf, (0, 1), True), pow2, name)  # (1, 1)
-        return wf / s, s
+        s, lo = _group_scales(_absmax(wf, (0, 1), True), pow2, name)  # (1, 1)
+        return wf / s, s, lo
     wb, pad_n = _groups(wf, 0, block_size)
     wb, pad_k = _groups(wb, 2, block_size)  # (nn, bs, nk, bs)
-    s = _group_scales(_absmax(wb, (1, 3)), pow2, name)  # (nn, nk)
+    s, lo = _group_scales(_absmax(wb, (1, 3)), pow2, name)  # (nn, nk)
     y = (wb / s[:, None, :, None]).flatten(2).flatten(0, 1)
-    return (y[:N, :K] if pad_n or pad_k else y), s
+    return (y[:N, :K] if pad_n or pad_k else y), s, lo
 
 
 def weight_dequant(w_fp8: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
