@@ -18,14 +18,17 @@ from __future__ import annotations
 import torch
 
 from .formats import FP8_MAX
-from .quant import _absmax, _cast, _group_scales, act_scaled, fp8_to_float, weight_scaled
+from . import cpu_kernels
+from .quant import (_absmax, _cast, _group_scales, act_scaled, check_finite, expand_b_scales, fp8_to_float,
+                    gemm_blocks, sum_tiles, weight_scaled)
 
-__all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_weight", "split_k", "token_tiles", "tile_products_fp32",
-           "Recent", "shared_act", "clear_caches"]
+__all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_act_ref", "grid_weight", "grid_weight_ref", "split_k",
+           "token_tiles", "token_tiles_ref", "tile_products_fp32", "wgrad_values", "gemm_values", "Recent", "shared_act",
+           "clear_caches"]
 
 _EXP = 0x7F800000  # FP32 exponent field
 _FLOOR = 121 << 23  # the exponent field of 2⁻⁶, E4M3's smallest normal: below it the grid step stays 2⁻⁹
-_MAGIC = (20 << 23) | 0x400000  # added to an exponent field: ×2²⁰, with mantissa 1.5
+_MAGIC = 1.5 * 2.0**20  # M = 1.5·2^(e+20) as a multiple of 2^e
 _CHUNK = 1 << 16  # elements per pass: four passes over a chunk stay in a core's L2 cache
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal FP32: a scale below it may put x / s past 464
 _SMALL_AMAX = 2 * _TINY * FP8_MAX  # an amax at least this has a normal scale amax / 448 (with room to spare)
@@ -37,14 +40,16 @@ def round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
 
     With e = max(⌊log₂|v|⌋, −6), M = 1.5·2^(e+20) exceeds |v| and puts v + M in the binade whose FP32 step is
     2^(e−3), E4M3's step at v (2⁻⁹ among its subnormals): FP32's own round-to-nearest-even then drops exactly
-    the bits E4M3 cannot hold, ties to even, and subtracting M again is exact. M comes from v's exponent bits.
+    the bits E4M3 cannot hold, ties to even, and subtracting M again is exact. M comes from v's exponent bits:
+    p = 2^e is v with its sign and mantissa cleared (and raised to 2⁻⁶), and ``add_(p, alpha=1.5·2²⁰)`` adds
+    M = 1.5·2²⁰·p, a product that is exact, so it rounds once whether or not the CPU fuses it (FMA).
     """
     if v.dtype != torch.float32 or not v.is_contiguous():
         raise ValueError(f"round_to_e4m3_: expected a contiguous float32 tensor, got {v.dtype}, "
                          f"contiguous={v.is_contiguous()}")
     for c in v.view(-1).split(_CHUNK):
-        m = (c.view(torch.int32) & _EXP).clamp_min_(_FLOOR).add_(_MAGIC).view(torch.float32)
-        c.add_(m).sub_(m)
+        p = (c.view(torch.int32) & _EXP).clamp_min_(_FLOOR).view(torch.float32)  # 2^max(e, -6)
+        c.add_(p, alpha=_MAGIC).sub_(p, alpha=_MAGIC)
     return v
 
 
@@ -61,18 +66,46 @@ def values_of(v: torch.Tensor, s: torch.Tensor, lo: float | None = None) -> torc
     return fp8_to_float(_cast(v)) if small else round_to_e4m3_(v)
 
 
-def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _f32c(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _kernel_status(status: int, t: torch.Tensor, name: str, reference):
+    """A compiled quantiser's result was not to be used: NaN/inf in ``t`` (raise, naming it) or a subnormal scale
+    (run the ``reference``, which takes torch's cast there)."""
+    if status & cpu_kernels.NONFINITE:
+        check_finite(t, name)  # raises
+    return reference()
+
+
+def grid_act_ref(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = act_quant_ref(x, block_size)`` of a (M, K) matrix, K ≥ 1, as a
     contiguous (M, K) FP32 tensor and the (M, ceil(K/bs)) tile scales, without making ``q``."""
     v, s, lo = act_scaled(x, block_size, False, name)
     return values_of(v, s, lo), s
 
 
-def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_act(x: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grid_act_ref`, by the compiled CPU kernel where it serves (:mod:`~dsv3lib.fp8.cpu_kernels`)."""
+    if not cpu_kernels.serves(x):
+        return grid_act_ref(x, block_size, name)
+    v, s, status = cpu_kernels.act_tiles(_f32c(x), block_size)
+    return (v, s) if status == 0 else _kernel_status(status, x, name, lambda: grid_act_ref(x, block_size, name))
+
+
+def grid_weight_ref(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_to_float(q), s)`` for ``q, s = weight_quant_ref(w, block_size)`` of a non-empty (N, K) weight:
     a contiguous (N, K) FP32 tensor and the (ceil(N/bs), ceil(K/bs)) block scales."""
     v, s, lo = weight_scaled(w, block_size, False, name)
     return values_of(v, s, lo), s
+
+
+def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grid_weight_ref`, by the compiled CPU kernel where it serves."""
+    if not cpu_kernels.serves(w):
+        return grid_weight_ref(w, block_size, name)
+    v, s, status = cpu_kernels.weight_blocks(_f32c(w).unsqueeze(0), block_size)
+    return (v[0], s[0]) if status == 0 else _kernel_status(status, w, name, lambda: grid_weight_ref(w, block_size, name))
 
 
 def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -89,6 +122,17 @@ def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
 
 
 def token_tiles(a: torch.Tensor, block_size: int, name: str, *, inplace: bool = False):
+    """:func:`token_tiles_ref`, by the compiled CPU kernel where it serves."""
+    if not cpu_kernels.serves(a):
+        return token_tiles_ref(a, block_size, name, inplace=inplace)
+    mp, cols = a.shape
+    v, s, status = cpu_kernels.token_tiles(_f32c(a), block_size)
+    if status:
+        return _kernel_status(status, a, name, lambda: token_tiles_ref(a, block_size, name, inplace=inplace))
+    return v.view(mp // block_size, block_size, cols), s
+
+
+def token_tiles_ref(a: torch.Tensor, block_size: int, name: str, *, inplace: bool = False):
     """Quantise a token-major FP32 matrix ``a`` (Mp, C), Mp a multiple of the block (zero rows for padded tokens),
     along tokens: each column's 128×1 tiles, as ``act_quant_ref`` quantises the tokens-last ``aᵀ``. Returns the
     E4M3 values token-major, (tiles, bs, C), and the (tiles, C) scales; ``inplace`` lets them overwrite ``a``."""
@@ -106,6 +150,33 @@ def tile_products_fp32(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs:
     transposed operand changes no bit)."""
     parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, n, K)
     return parts.mul_(ds.unsqueeze(-1)).mul_(xs.unsqueeze(1))
+
+
+def wgrad_values(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Wgrad (n, K) in FP32 from dy's and x's :func:`token_tiles`: ``quant.sum_tiles(tile_products_fp32(...))``,
+    the scale multiplies and the tile-by-tile sum done by the compiled kernel where it serves."""
+    if not cpu_kernels.serves(dv):
+        return sum_tiles(tile_products_fp32(dv, ds, xv, xs))
+    parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, n, K)
+    return cpu_kernels.tile_sum(parts, ds.contiguous(), xs.contiguous(), parts.new_empty(parts.shape[1:]))
+
+
+def gemm_values(a_blocks: list[torch.Tensor], a_s: torch.Tensor, b_blocks: list[torch.Tensor], b_s: torch.Tensor,
+                block_size: int) -> torch.Tensor:
+    """``quant.gemm_blocks`` (the block-scaled GEMM of E4M3 values held in FP32), each block's two scale multiplies
+    and its add into the accumulator done by the compiled kernel where it serves; the mm stay ``torch.mm``."""
+    if not cpu_kernels.serves(a_s):
+        return gemm_blocks(a_blocks, a_s, b_blocks, b_s, block_size)
+    N = b_blocks[0].shape[0]
+    a_s = a_s if a_s.dtype == torch.float32 else a_s.float()
+    b_s = b_s if b_s.shape[0] in (1, N) else expand_b_scales(b_s, N, block_size)  # (N or 1, nk): B's row scales
+    b_s = b_s if b_s.dtype == torch.float32 else b_s.float()
+    acc = None
+    for i, (a_blk, b_blk) in enumerate(zip(a_blocks, b_blocks)):
+        part = torch.mm(a_blk, b_blk.t())  # (M, N)
+        cpu_kernels.scale_acc(part, a_s[:, i], b_s[:, i].unsqueeze(0), part if acc is None else acc, acc is None)
+        acc = part if acc is None else acc
+    return acc
 
 
 class Recent:

@@ -62,23 +62,36 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Whether every row of the 2-D (or each matrix's rows of a 3-D) ``t`` starts on the allocator's alignment."""
+    return t.data_ptr() % _ALIGN == 0 and t.stride(-2) * t.element_size() % _ALIGN == 0 and (
+        t.dim() == 2 or t.stride(0) * t.element_size() % _ALIGN == 0)
+
+
 def _gemm(a_blocks, a_s: torch.Tensor, b_blocks, b_s: torch.Tensor, spans, n: int) -> torch.Tensor:
     """Every expert's ``fp8_gemm_ref`` at once, into one (R, n) FP32 tensor.
 
     a_blocks[i]: (R, width) block i of the rows (all experts); a_s: (R, nk) their tile scales; b_blocks[i]:
     (E, n, width) block i of each expert's B; b_s: (E, 1 or n, nk) B's row scales. Only the mm runs expert by
-    expert (into its own rows); each block's two scale multiplies and its add into the accumulator run once over
-    all rows, element by element the same operations in the same order as the per-expert calls.
+    expert (into its own rows): one ``torch._grouped_mm`` call, which on the CPU runs that loop of mm, when every
+    expert's operands and output rows are aligned as a fresh tensor is (widths multiples of 16), else the loop
+    here; each block's two scale multiplies and its add into the accumulator run once over all rows, element by
+    element the same operations in the same order as the per-expert calls.
     """
     R = a_s.shape[0]
     counts = torch.tensor([r1 - r0 for r0, r1 in spans])
     owner = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (R,): the expert of each row
+    offs = None
     acc = None
     for i, (a_blk, b_blk) in enumerate(zip(a_blocks, b_blocks)):
-        part = a_blk.new_empty(R, n)
-        for e, (r0, r1) in enumerate(spans):
-            if r1 > r0:
-                _mm_into(part[r0:r1], a_blk[r0:r1], b_blk[e])
+        if n * a_blk.element_size() % _ALIGN == 0 and _rows_aligned(a_blk) and _rows_aligned(b_blk):
+            offs = counts.cumsum(0).to(torch.int32) if offs is None else offs
+            part = torch._grouped_mm(a_blk, b_blk.transpose(1, 2), offs=offs)  # (R, n)
+        else:
+            part = a_blk.new_empty(R, n)
+            for e, (r0, r1) in enumerate(spans):
+                if r1 > r0:
+                    _mm_into(part[r0:r1], a_blk[r0:r1], b_blk[e])
         part.mul_(a_s[:, i:i + 1]).mul_(b_s[:, :, i].index_select(0, owner))  # this block · its two scales
         acc = part.add_(0.0) if acc is None else acc.add_(part)  # 0.0 + part: as if acc had started at zero
     return acc

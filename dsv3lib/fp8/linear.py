@@ -99,7 +99,7 @@ def _cpu_wgrad(dy2: torch.Tensor, xg: torch.Tensor, xs: torch.Tensor, bs: int) -
         p[:M] = dy2
         dv, ds = grid.token_tiles(p, bs, name, inplace=True)
     xv, xts = _x_token_tiles(xg, xs, bs, mp)
-    return quant.sum_tiles(grid.tile_products_fp32(dv, ds, xv, xts))
+    return grid.wgrad_values(dv, ds, xv, xts)
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -115,7 +115,7 @@ class FP8LinearFunction(torch.autograd.Function):
             quant.check_block_size(block_size)
             xq, xs = grid.shared_act(x2, block_size, "FP8Linear input")  # (M, K) values, (M, K/128)
             wq, ws = grid.grid_weight(weight, block_size, "FP8Linear weight")  # (N, K) values, (N/128, K/128)
-            y = quant.gemm_blocks(grid.split_k(xq, block_size), xs, grid.split_k(wq, block_size), ws, block_size)
+            y = grid.gemm_values(grid.split_k(xq, block_size), xs, grid.split_k(wq, block_size), ws, block_size)
         else:
             xq, xs = gemm.act_quant(x2, block_size, name="FP8Linear input")  # (M, K), (M, K/128)
             wq, ws = gemm.weight_quant(weight, block_size, name="FP8Linear weight")  # (N, K), (N/128, K/128)
@@ -148,7 +148,7 @@ class FP8LinearFunction(torch.autograd.Function):
             else:
                 dyq, dys = gemm.act_quant(dy2, bs, name="FP8Linear grad_output")
             if cpu:
-                dx = quant.gemm_blocks(dyb, dys, grid.split_k(wq.t(), bs), ws.t(), bs)  # (M, K)
+                dx = grid.gemm_values(dyb, dys, grid.split_k(wq.t(), bs), ws.t(), bs)  # (M, K)
             else:
                 dx = gemm.fp8_gemm(dyq, dys, wq.t(), ws.t(), block_size=bs)  # (M, K); Wᵀ (K, N) as a view
             dx = dx.to(dy.dtype).reshape(ctx.x_shape)
