@@ -1,13 +1,15 @@
 """Time one FP8 training step against one FP32 step of the tiny model on the CPU (chapter 1).
 
-    python bench/fp8_cpu_step.py [--batch 8] [--seq 64] [--steps 7] [--profile]
+    python bench/fp8_cpu_step.py [--batch 8] [--seq 64] [--steps 7] [--backend auto|ref] [--profile]
 
 The step is what ``dsv3lib.train`` does: forward, MTP loss, zero_grad, backward, gradient clipping and a
 fused AdamW step. The FP8 model is the same seeded tiny model after ``convert_to_fp8`` (every Linear but
 the head runs the reference block-scaled FP8 path: the CPU has no FP8 GEMM). Steps of the two models
 alternate, so a load change on a shared machine hits both; after warm-up the median of ``--steps`` steps
 is reported, with one intra-op thread and with torch's default. Prints ``FP8/FP32 step-time ratio``.
-Target: ≤ 2. ``--profile`` prints torch.profiler's top operators of the FP8 step instead.
+Target: ≤ 2. ``--backend ref`` times the PyTorch references instead of the compiled CPU kernels
+(``dsv3lib.fp8.cpu_kernels``; the same numbers). ``--profile`` prints torch.profiler's top operators of the
+FP8 step instead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dsv3lib.config import ModelConfig  # noqa: E402
-from dsv3lib.fp8 import convert_to_fp8  # noqa: E402
+from dsv3lib.dispatch import use_backend  # noqa: E402
+from dsv3lib.fp8 import convert_to_fp8, cpu_kernels  # noqa: E402
 from dsv3lib.model import Transformer, mtp_loss  # noqa: E402
 from dsv3lib.train import TrainConfig, make_optimizer  # noqa: E402
 
@@ -84,15 +87,23 @@ def main(argv: list[str] | None = None) -> list[float]:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=7, help="timed steps per model (median)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backend", choices=("auto", "ref"), default="auto",
+                   help="auto: the compiled CPU kernels where they build; ref: the PyTorch references")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
+    with use_backend(args.backend):
+        return _run(args)
+
+
+def _run(args) -> list[float]:
     if args.profile:
         torch.set_num_threads(1)
         profile(args.batch, args.seq)
         return []
     default_threads = torch.get_num_threads()
+    kernels = "compiled CPU kernels" if cpu_kernels.serves(torch.empty(0)) else "PyTorch references"
     print(f"tiny preset, batch {args.batch} x seq {args.seq}, torch {torch.__version__}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps after {args.warmup} warm-up; FP8 elementwise work: {kernels}")
     ratios = []
     for threads in sorted({1, default_threads}):
         torch.set_num_threads(threads)

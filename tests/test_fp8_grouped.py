@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dsv3lib.config import ModelConfig
+from dsv3lib.dispatch import use_backend
 from dsv3lib.fp8 import FP8Linear, convert_to_fp8
 from dsv3lib.fp8.grouped import fp8_grouped_linear, grouped_experts
 from dsv3lib.model import Transformer, mtp_loss
@@ -45,22 +46,24 @@ class _Queue:
 @pytest.mark.parametrize("counts,N,K", [([3, 0, 130, 7], 64, 128), ([1, 200, 0, 5, 129], 128, 64),
                                         ([40, 300], 200, 130), ([17, 0, 256], 384, 256), ([5], 64, 128)])
 @pytest.mark.parametrize("deferred", [False, True])
-def test_grouped_linear_is_the_per_expert_calls_bit_for_bit(counts, N, K, deferred):
+@pytest.mark.parametrize("backend", ["auto", "ref"])  # the grouped call with the compiled CPU kernels or without
+def test_grouped_linear_is_the_per_expert_calls_bit_for_bit(counts, N, K, deferred, backend):
     layers, x, dy = _experts(counts, N, K)
     results = []
-    for grouped in (False, True):
+    for grouped in (False, True):  # the per-expert calls always on the PyTorch references
         for m in layers:
             m.weight.grad = None
         xi, sink = x.clone().requires_grad_(), _Queue()
-        with weight_grad_sink(sink if deferred else None):
+        with weight_grad_sink(sink if deferred else None), use_backend(backend if grouped else "ref"):
             if grouped:
                 y = fp8_grouped_linear(xi, counts, [m.weight for m in layers])
             else:
                 y = torch.cat([m(c) for m, c in zip(layers, xi.split(counts)) if len(c)])
-        y.backward(dy)
-        assert all(m.weight.grad is None for m in layers) or not deferred  # dW waits for the W op
-        for fn in sink.fns:
-            fn()
+        with use_backend(backend if grouped else "ref"):
+            y.backward(dy)
+            assert all(m.weight.grad is None for m in layers) or not deferred  # dW waits for the W op
+            for fn in sink.fns:
+                fn()
         results.append((y, xi.grad, [m.weight.grad for m in layers]))
     (y0, dx0, g0), (y1, dx1, g1) = results
     assert _same(y0, y1) and _same(dx0, dx1)

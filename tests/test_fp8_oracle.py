@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3lib.config import ModelConfig
+from dsv3lib.dispatch import use_backend
 from dsv3lib.fp8 import (FP8Linear, act_dequant, act_quant_ref, convert_to_fp8, fp8_gemm_ref, fp8_to_float,
                          weight_dequant, weight_quant_ref)
 from dsv3lib.model import Transformer, mtp_loss
@@ -155,7 +156,13 @@ def test_gemm_as_before(M, N, K, b_layout):
 
 
 @pytest.mark.parametrize("M,K,N", [(70, 256, 128), (300, 200, 72), (128, 64, 192), (0, 128, 64), (5, 384, 384)])
-def test_fp8_linear_as_before(M, K, N):
+@pytest.mark.parametrize("backend", ["auto", "ref"])  # the compiled CPU kernels (if built), the PyTorch references
+def test_fp8_linear_as_before(M, K, N, backend):
+    with use_backend(backend):
+        _linear_as_before(M, K, N)
+
+
+def _linear_as_before(M, K, N):
     torch.manual_seed(0)
     layer = FP8Linear(K, N)
     x, dy = _rand(M, K, seed=4), _rand(M, N, seed=5)
@@ -197,8 +204,10 @@ def _model_step(old: bool):
     return loss.detach(), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_fp8_model_step_as_before():
-    loss, grads, params = _model_step(old=False)
+@pytest.mark.parametrize("backend", ["auto", "ref"])
+def test_fp8_model_step_as_before(backend):
+    with use_backend(backend):
+        loss, grads, params = _model_step(old=False)
     loss_o, grads_o, params_o = _model_step(old=True)
     assert torch.equal(loss, loss_o)
     assert grads.keys() == grads_o.keys() and len(grads) > 10

@@ -24,8 +24,9 @@ from ..dispatch import use_triton
 from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
+from . import cpu_kernels
 from .grid import grid_act, shared_act, tile_products_fp32, token_tiles, values_of, x_tiles
-from .quant import _absmax, _group_scales, _groups
+from .quant import _absmax, _group_scales, _groups, check_finite
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
 
@@ -92,7 +93,12 @@ def _gemm(a_blocks, a_s: torch.Tensor, b_blocks, b_s: torch.Tensor, spans, n: in
             for e, (r0, r1) in enumerate(spans):
                 if r1 > r0:
                     _mm_into(part[r0:r1], a_blk[r0:r1], b_blk[e])
-        part.mul_(a_s[:, i:i + 1]).mul_(b_s[:, :, i].index_select(0, owner))  # this block · its two scales
+        sb = b_s[:, :, i].index_select(0, owner)  # (R, 1 or n): each row's expert's scales
+        if cpu_kernels.serves(part):  # the same multiplies and add, one pass
+            cpu_kernels.scale_acc(part, a_s[:, i], sb, part if acc is None else acc, acc is None)
+            acc = part if acc is None else acc
+            continue
+        part.mul_(a_s[:, i:i + 1]).mul_(sb)  # this block · its two scales
         acc = part.add_(0.0) if acc is None else acc.add_(part)  # 0.0 + part: as if acc had started at zero
     return acc
 
@@ -105,8 +111,19 @@ def _row_scales(b_s: torch.Tensor, n: int, bs: int) -> torch.Tensor:
 def _stacked_weight_grid(weights, bs: int, name: str):
     """``weight_quant_ref`` of each (N, K) weight, in one pass over the stack, as the FP8 values in FP32 (E, N, K)
     and (E, nn, nk) scales (see :mod:`~dsv3lib.fp8.grid`). Each weight is padded and blocked on its own, so no
-    block straddles two experts."""
+    block straddles two experts. The compiled CPU kernel does it where it serves, else :func:`_stacked_weight_grid_ref`."""
     w = torch.stack([t if t.dtype == torch.float32 else t.float() for t in weights])  # (E, N, K)
+    if cpu_kernels.serves(w):
+        v, s, status = cpu_kernels.weight_blocks(w, bs)
+        if status == 0:
+            return v, s
+        if status & cpu_kernels.NONFINITE:
+            check_finite(w, name)  # raises
+    return _stacked_weight_grid_ref(w, bs, name)
+
+
+def _stacked_weight_grid_ref(w: torch.Tensor, bs: int, name: str):
+    """:func:`_stacked_weight_grid` of the (E, N, K) FP32 stack ``w``, in PyTorch."""
     N, K = w.shape[1:]
     wb, pad_n = _groups(w, 1, bs)  # (E, nn, bn, K)
     wb, pad_k = _groups(wb, 3, bs)  # (E, nn, bn, nk, bk)
@@ -131,12 +148,11 @@ def _by_expert_tiles(src: torch.Tensor, spans, first, n_tiles, bs: int, scales: 
 
 
 def _tile_products(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
-    """Wgrad's per-tile products for every expert that needs its dW: dy and x_hp laid out with each expert's
-    tokens zero-padded to whole tiles, quantised along tokens as one ``act_quant_ref`` call of the tokens-last
-    stack [dyᵀ; xᵀ] would, all tiles' products in one batched GEMM (:func:`~dsv3lib.fp8.grid.tile_products_fp32`).
-    x enters as its FP8 values ``xd`` and tile scales ``xs``; its re-tiled form is shared by sibling calls on
-    the same rows (``grid.x_tiles``: w1 and w3). Returns the (tiles, N, K) products and each expert's first
-    tile and tile count."""
+    """Wgrad's token tiles for every expert that needs its dW: dy and x_hp laid out with each expert's tokens
+    zero-padded to whole tiles, quantised along tokens as one ``act_quant_ref`` call of the tokens-last stack
+    [dyᵀ; xᵀ] would (:func:`~dsv3lib.fp8.grid.token_tiles`). x enters as its FP8 values ``xd`` and tile scales
+    ``xs``; its re-tiled form is shared by sibling calls on the same rows (``grid.x_tiles``: w1 and w3). Returns
+    (dy values, dy scales, x values, x scales) and each kept expert's first tile and tile count."""
     K = xd.shape[1]
     first, n_tiles = [], []
     for e, (r0, r1) in enumerate(spans):
@@ -151,9 +167,24 @@ def _tile_products(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, 
     xv, xts = x_tiles.get((xd, xs), ("experts", bs, tuple(spans), tuple(need)), x_part)
     pdy = _by_expert_tiles(dy, spans, first, n_tiles, bs)
     dv, dts = token_tiles(pdy, bs, "FP8 experts grad_output", inplace=True)
-    parts = tile_products_fp32(dv, dts, xv, xts)
     keep = [e for e in range(len(spans)) if need[e]]
-    return parts, [first[e] for e in keep], [n_tiles[e] for e in keep]
+    return (dv, dts, xv, xts), [first[e] for e in keep], [n_tiles[e] for e in keep]
+
+
+def _expert_sums(tiles, first: list[int], n_tiles: list[int]) -> list[torch.Tensor]:
+    """Each expert's dW (N, K) in FP32 from the token tiles (dy's and x's values and scales, :func:`_tile_products`):
+    its tiles' products summed tile by tile from zero, in ``fp8_gemm_ref``'s order."""
+    dv, dts, xv, xts = tiles
+    if cpu_kernels.serves(dv):
+        parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, N, K), unscaled: the kernel scales and sums
+        return [cpu_kernels.tile_sum(parts[f:f + n], dts[f:f + n], xts[f:f + n], parts.new_empty(parts.shape[1:]))
+                for f, n in zip(first, n_tiles)]
+    parts = tile_products_fp32(dv, dts, xv, xts)
+    acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum
+    for i in range(1, max(n_tiles)):
+        more = [j for j, n in enumerate(n_tiles) if n > i]
+        acc.index_add_(0, torch.tensor(more), parts[[first[j] + i for j in more]])
+    return list(acc.unbind(0))
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -198,13 +229,10 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dws = [None] * len(spans)
             if not any(need):
                 return dws
-            parts, first, n_tiles = _tile_products(xd, xs, dy2, spans, need, bs)  # each tile's product
-            acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum, in fp8_gemm_ref's order
-            for i in range(1, max(n_tiles)):
-                more = [j for j, n in enumerate(n_tiles) if n > i]
-                acc.index_add_(0, torch.tensor(more), parts[[first[j] + i for j in more]])
+            tiles, first, n_tiles = _tile_products(xd, xs, dy2, spans, need, bs)  # dy's and x's token tiles
+            sums = _expert_sums(tiles, first, n_tiles)
             for j, e in enumerate(e for e in range(len(spans)) if need[e]):
-                dws[e] = acc[j].to(w_dtype)
+                dws[e] = sums[j].to(w_dtype)
             return dws
 
         if any(need) and ctx.sink is not None:
