@@ -7,12 +7,21 @@ FP32 (no cast to FP8, no table look-up back), about twice as fast as the cast an
 functions here build the GEMM operands from it. They skip the public functions' argument checks (their callers
 made the tensors) but not the NaN/inf check: each group's scale is still refused if non-finite.
 
+Each operation comes twice: a PyTorch reference (``grid_act_ref``, ``grid_weight_ref``, ``token_tiles_ref``,
+``quant.gemm_blocks``, ``quant.sum_tiles``) and, under the names the callers use (``grid_act``, ``grid_weight``,
+``token_tiles``, ``gemm_values``, ``wgrad_values``), a dispatcher that hands the elementwise work to the compiled
+kernels of :mod:`~dsv3lib.fp8.cpu_kernels` when they are built and ``dispatch.use_backend("ref")`` is not in
+force: the same bits in one or two passes instead of about ten.
+
+:class:`Recent` keeps the last few quantisations of a layer input (``shared_act``) and of x re-tiled for Wgrad
+(``x_tiles``), so sibling layers reading one unchanged tensor (MLA's ``wq_a`` and ``wkv_a``, an FFN's ``w1`` and
+``w3``) quantise it once.
+
 Every number equals the FP8 route's (tests/test_fp8_grid.py: all FP32 inputs up to 464 in magnitude, and
 FP8Linear/grouped results against the old code bit for bit), with one difference that no result sees: a
 negative value that rounds to zero comes out +0 where the FP8 byte decodes to -0. GEMM outputs start from an
 accumulator of +0.0 (``part.add_(0.0)``), which erases that sign.
 """
-
 from __future__ import annotations
 
 import torch

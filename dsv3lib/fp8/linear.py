@@ -13,8 +13,9 @@ Wgrad    dW (out, in)        dyᵀ, along tokens           xᵀ, along tokens   
 
 The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled along tokens there
 (dequantise, transpose, requantise: §3.5.2). On the CPU, which has no FP8 GEMM, the operands never become FP8
-bytes: :mod:`~dsv3lib.fp8.grid` computes their E4M3 values in FP32 and the cache holds those (the same numbers,
-four times the bytes). The weight parameter stays the FP32 master copy that the
+bytes: :mod:`~dsv3lib.fp8.grid` computes their E4M3 values in FP32 (by compiled kernels where a C compiler is
+found, :mod:`~dsv3lib.fp8.cpu_kernels`) and the cache holds those (the same numbers, four times the bytes); layers
+reading the same unchanged input share its quantisation, forward and for Wgrad (``grid.Recent``). The weight parameter stays the FP32 master copy that the
 optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
 the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
 
