@@ -8,8 +8,8 @@ as the PyTorch references they stand in for (same signatures; ``grid.*_ref``, ``
 ``quant.sum_tiles``), so every result is the same bits (tests/test_fp8_cpu_kernels.py). Same semantics, about
 three to five times less time for this part of a step.
 
-The C file is compiled once per machine into a cache directory (``$DSV3_CACHE`` or ``~/.cache/dsv3lib``, else
-the temp directory), ``-O3 -ffp-contract=off`` and no fast-math, and loaded through ``ctypes``. Without a C
+The C file is compiled once into a cache directory (``$DSV3_CACHE`` or ``~/.cache/dsv3lib``, else the temp
+directory), ``-O3 -ffp-contract=off``, no fast-math and no ``-march`` (portable), and loaded through ``ctypes``. Without a C
 compiler (or with ``DSV3_CPU_KERNELS=0``, or inside ``dispatch.use_backend("ref")``) the references run: one
 ``RuntimeWarning`` says so, and everything is only slower.
 """
@@ -59,31 +59,32 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile the C file once (keyed by its text, the compiler and the machine) and return the library's path.
-    The library is written under a temporary name and renamed: a reader never sees half of one."""
+    """Compile the C file once (keyed by its text, the compiler, its flags and the platform); the library's path.
+    The library is written under a temporary name and renamed: a reader never sees half of one. No ``-march``:
+    a cache in a home directory shared by different machines must run on all of them."""
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
         raise OSError("no C compiler found (cc, gcc or clang; or set CC)")
     src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + f"{cc}|{platform.machine()}|{sys.platform}".encode()).hexdigest()[:16]
-    out = _cache_dir() / f"fp8_cpu_kernels_{key}.so"
+    key = hashlib.sha256(src + f"{cc}|{_FLAGS}|{platform.machine()}|{sys.platform}".encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    out = cache / f"fp8_cpu_kernels_{key}.so"
     if out.exists():
         return out
-    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")
-    errors = []
-    for extra in (["-march=native"], []):  # the CPU's own vector width if the compiler knows it
-        cmd = [cc, *_FLAGS, *extra, "-o", str(tmp), str(_SOURCE)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            errors.append(str(e))
-            continue
-        if r.returncode == 0:
-            os.replace(tmp, out)
-            return out
-        errors.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
-    tmp.unlink(missing_ok=True)
-    raise OSError(f"{cc} failed: {errors[-1]}")
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp")
+    try:
+        r = subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(f"{cc} failed: {e}") from None
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        lines = r.stderr.strip().splitlines()
+        raise OSError(f"{cc} failed: {lines[-1] if lines else f'exit {r.returncode}'}")
+    os.replace(tmp, out)
+    for old in cache.glob("fp8_cpu_kernels_*.so"):  # builds of earlier versions of the source
+        if old != out:
+            old.unlink(missing_ok=True)
+    return out
 
 
 @functools.cache
