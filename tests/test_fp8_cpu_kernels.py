@@ -159,3 +159,18 @@ def test_without_a_compiler_the_references_run_with_one_warning(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "could not be built" in r.stdout and "reference" in r.stdout
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
+
+
+def test_kernels_refuse_what_they_would_misread():
+    # a strided or non-FP32 tensor would be read with the wrong layout: refused before any C code runs
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        cpu_kernels.act_tiles(torch.ones(8, 4).t(), 128)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        cpu_kernels.weight_blocks(torch.ones(1, 4, 4, dtype=torch.float64), 128)
+    with pytest.raises(ValueError, match="not a multiple of the block"):
+        cpu_kernels.token_tiles(torch.ones(100, 3), 128)
+    part = torch.ones(4, 5)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.scale_acc(part, torch.ones(3), torch.ones(1, 5), part, True)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.tile_sum(torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 5), torch.empty(3, 4))

@@ -9,9 +9,9 @@ as the PyTorch references they stand in for (same signatures; ``grid.*_ref``, ``
 three to five times less time for this part of a step.
 
 The C file is compiled once into a cache directory (``$DSV3_CACHE`` or ``~/.cache/dsv3lib``, else the temp
-directory), ``-O3 -ffp-contract=off``, no fast-math and no ``-march`` (portable), and loaded through ``ctypes``. Without a C
-compiler (or with ``DSV3_CPU_KERNELS=0``, or inside ``dispatch.use_backend("ref")``) the references run: one
-``RuntimeWarning`` says so, and everything is only slower.
+directory), ``-O3 -ffp-contract=off``, no fast-math and no ``-march`` (portable), and loaded through ``ctypes``.
+Without a C compiler the references run (one ``RuntimeWarning`` says so) and everything is only slower; they also
+run with ``DSV3_CPU_KERNELS=0`` and inside ``dispatch.use_backend("ref")``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ _SIGNATURES = {  # name: (argument types, return type)
 
 
 def _cache_dir() -> Path:
-    for d in (os.environ.get("DSV3_CACHE"), Path.home() / ".cache" / "dsv3lib", Path(tempfile.gettempdir()) / "dsv3lib"):
+    home, tmp = Path.home() / ".cache" / "dsv3lib", Path(tempfile.gettempdir()) / "dsv3lib"
+    for d in (os.environ.get("DSV3_CACHE"), home, tmp):
         if d:
             try:
                 Path(d).mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,18 @@ def serves(t: torch.Tensor) -> bool:
 
 
 def _ptr(t: torch.Tensor) -> int:
+    """The address the C code reads or writes: only for a contiguous FP32 CPU tensor (anything else would be
+    read with the wrong layout, or outside its memory)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"cpu_kernels: expected a contiguous float32 CPU tensor, got {t.dtype} on {t.device}, "
+                         f"shape {tuple(t.shape)}, strides {t.stride()}")
+    return t.data_ptr()
+
+
+def _vec_ptr(t: torch.Tensor) -> int:
+    """The address of an FP32 CPU vector or matrix read through explicit strides (no contiguity needed)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"cpu_kernels: expected a float32 CPU tensor, got {t.dtype} on {t.device}")
     return t.data_ptr()
 
 
@@ -141,6 +154,8 @@ def token_tiles(a: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
     """bs×1 tiles along the rows of a contiguous FP32 (Mp, C) matrix, Mp a multiple of bs: the values (Mp, C) in
     ``a``'s layout, the (Mp/bs, C) scales and a status."""
     mp, cols = a.shape
+    if mp % block_size:
+        raise ValueError(f"token_tiles: {mp} rows is not a multiple of the block ({block_size})")
     v, s = torch.empty_like(a), a.new_empty(mp // block_size, cols)
     return v, s, _lib().token_tiles(_ptr(a), _ptr(v), _ptr(s), mp, cols, block_size)
 
@@ -150,15 +165,22 @@ def scale_acc(part: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, acc: torch
     same tensor), ``sa`` a length-M vector (any stride) and ``sb`` broadcastable to (M, N) as an (M or 1, N or 1)
     view (any strides): the scale multiplies and accumulation of ``quant.gemm_blocks``."""
     M, N = part.shape
+    if acc.shape != part.shape or sa.shape != (M,) or sb.dim() != 2 or sb.shape[0] not in (1, M) \
+            or sb.shape[1] not in (1, N):
+        raise ValueError(f"scale_acc: part {tuple(part.shape)}, acc {tuple(acc.shape)}, sa {tuple(sa.shape)} and sb "
+                         f"{tuple(sb.shape)} do not fit (M, N), (M, N), (M,) and (M or 1, N or 1)")
     sb_rs = sb.stride(0) if sb.shape[0] > 1 else 0
     sb_cs = sb.stride(1) if sb.shape[1] > 1 else 0
-    _lib().scale_acc(_ptr(part), _ptr(sa), sa.stride(0) if M > 1 else 0, _ptr(sb), sb_rs, sb_cs, _ptr(acc), M, N,
-                     int(first))
+    _lib().scale_acc(_ptr(part), _vec_ptr(sa), sa.stride(0) if M > 1 else 0, _vec_ptr(sb), sb_rs, sb_cs, _ptr(acc),
+                     M, N, int(first))
 
 
 def tile_sum(parts: torch.Tensor, ds: torch.Tensor, xs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Wgrad's tile products (T, n, K) times their scales ``ds`` (T, n) and ``xs`` (T, K), summed tile by tile
     into ``out`` (n, K) from zero (all contiguous FP32): ``quant.sum_tiles`` of ``tile_products``' scaling."""
     T, n, K = parts.shape
+    if ds.shape != (T, n) or xs.shape != (T, K) or out.shape != (n, K):
+        raise ValueError(f"tile_sum: parts {tuple(parts.shape)}, ds {tuple(ds.shape)}, xs {tuple(xs.shape)} and out "
+                         f"{tuple(out.shape)} do not fit (T, n, K), (T, n), (T, K) and (n, K)")
     _lib().tile_sum(_ptr(parts), _ptr(ds), _ptr(xs), _ptr(out), T, n, K)
     return out

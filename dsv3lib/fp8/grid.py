@@ -32,8 +32,8 @@ from .quant import (_absmax, _cast, _group_scales, act_scaled, check_finite, exp
                     gemm_blocks, sum_tiles, weight_scaled)
 
 __all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_act_ref", "grid_weight", "grid_weight_ref", "split_k",
-           "token_tiles", "token_tiles_ref", "tile_products_fp32", "wgrad_values", "gemm_values", "Recent", "shared_act",
-           "clear_caches"]
+           "token_tiles", "token_tiles_ref", "tile_products_fp32", "wgrad_values", "gemm_values", "Recent",
+           "shared_act", "clear_caches"]
 
 _EXP = 0x7F800000  # FP32 exponent field
 _FLOOR = 121 << 23  # the exponent field of 2⁻⁶, E4M3's smallest normal: below it the grid step stays 2⁻⁹
@@ -114,7 +114,9 @@ def grid_weight(w: torch.Tensor, block_size: int, name: str) -> tuple[torch.Tens
     if not cpu_kernels.serves(w):
         return grid_weight_ref(w, block_size, name)
     v, s, status = cpu_kernels.weight_blocks(_f32c(w).unsqueeze(0), block_size)
-    return (v[0], s[0]) if status == 0 else _kernel_status(status, w, name, lambda: grid_weight_ref(w, block_size, name))
+    if status:
+        return _kernel_status(status, w, name, lambda: grid_weight_ref(w, block_size, name))
+    return v[0], s[0]
 
 
 def split_k(g: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -193,8 +195,9 @@ class Recent:
     (MLA's ``wq_a`` and ``wkv_a`` read the same x, an FFN's ``w1`` and ``w3`` too, forward and Wgrad).
 
     An entry is found only for the same storage, offset, shape, strides, dtype and version counter (an in-place
-    change bumps the version) and the same ``extra``; it holds its tensors, so their memory cannot be reused by
-    another tensor while the entry lives. Inference tensors carry no version and are never cached."""
+    change bumps the version) and the same ``extra``; it holds its tensors (detached: their memory, not their
+    autograd graph), so that memory cannot be reused by another tensor while the entry lives. Inference tensors
+    carry no version and are never cached. :func:`clear_caches` drops every entry."""
 
     def __init__(self, size: int = 4):
         self.size, self.entries = size, []
@@ -207,7 +210,8 @@ class Recent:
             if k == key:
                 return value
         value = make()
-        self.entries = [(key, tensors, value)] + self.entries[:self.size - 1]
+        held = tuple(t.detach() for t in tensors)  # the memory and version counter, not the autograd graph
+        self.entries = [(key, held, value)] + self.entries[:self.size - 1]
         return value
 
     def clear(self) -> None:

@@ -111,7 +111,8 @@ def _row_scales(b_s: torch.Tensor, n: int, bs: int) -> torch.Tensor:
 def _stacked_weight_grid(weights, bs: int, name: str):
     """``weight_quant_ref`` of each (N, K) weight, in one pass over the stack, as the FP8 values in FP32 (E, N, K)
     and (E, nn, nk) scales (see :mod:`~dsv3lib.fp8.grid`). Each weight is padded and blocked on its own, so no
-    block straddles two experts. The compiled CPU kernel does it where it serves, else :func:`_stacked_weight_grid_ref`."""
+    block straddles two experts. The compiled CPU kernel does it where it serves, else
+    :func:`_stacked_weight_grid_ref`."""
     w = torch.stack([t if t.dtype == torch.float32 else t.float() for t in weights])  # (E, N, K)
     if cpu_kernels.serves(w):
         v, s, status = cpu_kernels.weight_blocks(w, bs)
@@ -260,8 +261,8 @@ def fp8_grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.T
 
 def grouped_experts(experts: nn.ModuleList, x: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
     """The routed experts' SwiGLU, ``w2(silu(w1 x) · w3 x)``, for rows grouped by expert, as three grouped FP8
-    calls — or None when the per-expert calls must run: on the Triton path, with no rows at all, or unless every expert's w1, w2
-    and w3 are bias-free :class:`FP8Linear` layers with one block size and the paper's Dgrad tiles."""
+    calls — or None when the per-expert calls must run: on the Triton path, with no rows at all, or unless every
+    expert's w1, w2 and w3 are bias-free :class:`FP8Linear` layers with one block size and the paper's Dgrad tiles."""
     layers = [(e.w1, e.w2, e.w3) for e in experts]
     if not layers or sum(counts) == 0 or use_triton(x, **_NEEDS):  # no rows: the caller's own corner case
         return None

@@ -15,9 +15,10 @@ The input x is cached in FP8 (1×128 tiles) for the backward pass and re-tiled a
 (dequantise, transpose, requantise: §3.5.2). On the CPU, which has no FP8 GEMM, the operands never become FP8
 bytes: :mod:`~dsv3lib.fp8.grid` computes their E4M3 values in FP32 (by compiled kernels where a C compiler is
 found, :mod:`~dsv3lib.fp8.cpu_kernels`) and the cache holds those (the same numbers, four times the bytes); layers
-reading the same unchanged input share its quantisation, forward and for Wgrad (``grid.Recent``). The weight parameter stays the FP32 master copy that the
-optimizer updates; its FP8 blocks are recomputed each forward. Shapes need not be multiples of 128:
-the reference path zero-pads partial tiles, Wgrad pads tokens explicitly (zeros add nothing).
+reading the same unchanged input share its quantisation, forward and for Wgrad (``grid.Recent``). The weight
+parameter stays the FP32 master copy that the optimizer updates; its FP8 blocks are recomputed each forward.
+Shapes need not be multiples of 128: the reference path zero-pads partial tiles, Wgrad pads tokens explicitly
+(zeros add nothing).
 
 ``dgrad_quant="block"`` quantises dy for Dgrad in ``block_size``×``block_size`` blocks (tokens × out-features)
 instead of 1×128 tiles: the variant V3 Appendix B.2 reports diverging on a ~16B MoE (activation gradients are

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from .formats import FP8_DTYPE, FP8_MAX
 
 __all__ = ["check_finite", "check_block_size", "check_scales", "check_tensor", "compute_scale", "fp8_to_float",
-           "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_scaled", "act_dequant", "weight_quant_ref",
-           "weight_scaled",
+           "quant_per_tensor", "quant_per_row", "dequant_per_row", "act_quant_ref", "act_scaled", "act_dequant",
+           "weight_quant_ref", "weight_scaled",
            "weight_dequant", "expand_b_scales", "check_gemm_args", "fp8_gemm_ref", "gemm_blocks", "tile_products",
            "sum_tiles", "wgrad_ref"]
 
