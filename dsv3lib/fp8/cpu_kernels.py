@@ -63,6 +63,8 @@ def _build() -> Path:
     """Compile the C file once (keyed by its text, the compiler, its flags and the platform); the library's path.
     The library is written under a temporary name and renamed: a reader never sees half of one. No ``-march``:
     a cache in a home directory shared by different machines must run on all of them."""
+    if sys.platform == "win32":
+        raise OSError("the build uses a Unix C compiler and a shared object; not on Windows")
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
         raise OSError("no C compiler found (cc, gcc or clang; or set CC)")
@@ -76,6 +78,7 @@ def _build() -> Path:
     try:
         r = subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
+        tmp.unlink(missing_ok=True)
         raise OSError(f"{cc} failed: {e}") from None
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -90,7 +93,7 @@ def _build() -> Path:
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("DSV3_CPU_KERNELS", "1") in ("0", "") or sys.platform == "win32":
+    if os.environ.get("DSV3_CPU_KERNELS", "1") in ("0", ""):
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
@@ -100,7 +103,7 @@ def _lib() -> ctypes.CDLL | None:
         return lib
     except (OSError, AttributeError) as e:
         warnings.warn(f"dsv3lib: the FP8 CPU kernels could not be built ({e}); FP8 on the CPU runs the PyTorch "
-                      "reference instead: the same numbers, a few times slower", RuntimeWarning, stacklevel=3)
+                      "references instead: the same numbers, more slowly", RuntimeWarning, stacklevel=3)
         return None
 
 
