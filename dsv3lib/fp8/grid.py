@@ -32,7 +32,7 @@ from .quant import (_absmax, _cast, _group_scales, act_scaled, check_finite, exp
                     gemm_blocks, sum_tiles, weight_scaled)
 
 __all__ = ["round_to_e4m3_", "values_of", "grid_act", "grid_act_ref", "grid_weight", "grid_weight_ref", "split_k",
-           "token_tiles", "token_tiles_ref", "tile_products_fp32", "wgrad_values", "gemm_values", "Recent",
+           "token_tiles", "token_tiles_ref", "tile_bmm", "tile_products_fp32", "wgrad_values", "gemm_values", "Recent",
            "shared_act", "clear_caches"]
 
 _EXP = 0x7F800000  # FP32 exponent field
@@ -159,8 +159,12 @@ def tile_products_fp32(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs:
     (tiles, n) and (tiles, K)): :func:`~dsv3lib.fp8.quant.tile_products` of the tokens-last stack [dyᵀ; xᵀ], (tiles,
     n, K), the same bits. The batched GEMM reads both token-major (tests/test_fp8_grid.py checks that the
     transposed operand changes no bit)."""
-    parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, n, K)
-    return parts.mul_(ds.unsqueeze(-1)).mul_(xs.unsqueeze(1))
+    return tile_bmm(dv, xv).mul_(ds.unsqueeze(-1)).mul_(xs.unsqueeze(1))
+
+
+def tile_bmm(dv: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
+    """Each token tile's unscaled product dyᵀ·x: (tiles, n, K) from token-major (tiles, bs, n) and (tiles, bs, K)."""
+    return torch.bmm(dv.transpose(1, 2), xv)
 
 
 def wgrad_values(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -168,7 +172,7 @@ def wgrad_values(dv: torch.Tensor, ds: torch.Tensor, xv: torch.Tensor, xs: torch
     the scale multiplies and the tile-by-tile sum done by the compiled kernel where it serves."""
     if not cpu_kernels.serves(dv):
         return sum_tiles(tile_products_fp32(dv, ds, xv, xs))
-    parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, n, K)
+    parts = tile_bmm(dv, xv)  # (tiles, n, K)
     return cpu_kernels.tile_sum(parts, ds.contiguous(), xs.contiguous(), parts.new_empty(parts.shape[1:]))
 
 

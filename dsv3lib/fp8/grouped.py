@@ -25,8 +25,9 @@ from ..wgrad import accumulate, current_sink
 from .gemm import _NEEDS
 from .linear import FP8Linear
 from . import cpu_kernels
-from .grid import grid_act, shared_act, tile_products_fp32, token_tiles, values_of, x_tiles
-from .quant import _absmax, _group_scales, _groups, check_finite
+from .grid import (_kernel_status, grid_act, shared_act, tile_bmm, tile_products_fp32, token_tiles, values_of,
+                   x_tiles)
+from .quant import _absmax, _group_scales, _groups
 
 __all__ = ["FP8GroupedLinearFunction", "fp8_grouped_linear", "grouped_experts"]
 
@@ -114,13 +115,10 @@ def _stacked_weight_grid(weights, bs: int, name: str):
     block straddles two experts. The compiled CPU kernel does it where it serves, else
     :func:`_stacked_weight_grid_ref`."""
     w = torch.stack([t if t.dtype == torch.float32 else t.float() for t in weights])  # (E, N, K)
-    if cpu_kernels.serves(w):
-        v, s, status = cpu_kernels.weight_blocks(w, bs)
-        if status == 0:
-            return v, s
-        if status & cpu_kernels.NONFINITE:
-            check_finite(w, name)  # raises
-    return _stacked_weight_grid_ref(w, bs, name)
+    if not cpu_kernels.serves(w):
+        return _stacked_weight_grid_ref(w, bs, name)
+    v, s, status = cpu_kernels.weight_blocks(w, bs)
+    return (v, s) if status == 0 else _kernel_status(status, w, name, lambda: _stacked_weight_grid_ref(w, bs, name))
 
 
 def _stacked_weight_grid_ref(w: torch.Tensor, bs: int, name: str):
@@ -177,7 +175,7 @@ def _expert_sums(tiles, first: list[int], n_tiles: list[int]) -> list[torch.Tens
     its tiles' products summed tile by tile from zero, in ``fp8_gemm_ref``'s order."""
     dv, dts, xv, xts = tiles
     if cpu_kernels.serves(dv):
-        parts = torch.bmm(dv.transpose(1, 2), xv)  # (tiles, N, K), unscaled: the kernel scales and sums
+        parts = tile_bmm(dv, xv)  # (tiles, N, K), unscaled: the kernel scales and sums
         return [cpu_kernels.tile_sum(parts[f:f + n], dts[f:f + n], xts[f:f + n], parts.new_empty(parts.shape[1:]))
                 for f, n in zip(first, n_tiles)]
     parts = tile_products_fp32(dv, dts, xv, xts)
