@@ -146,7 +146,7 @@ def _by_expert_tiles(src: torch.Tensor, spans, first, n_tiles, bs: int, scales: 
     return out
 
 
-def _tile_products(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
+def _expert_token_tiles(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, need, bs: int):
     """Wgrad's token tiles for every expert that needs its dW: dy and x_hp laid out with each expert's tokens
     zero-padded to whole tiles, quantised along tokens as one ``act_quant_ref`` call of the tokens-last stack
     [dyᵀ; xᵀ] would (:func:`~dsv3lib.fp8.grid.token_tiles`). x enters as its FP8 values ``xd`` and tile scales
@@ -171,13 +171,15 @@ def _tile_products(xd: torch.Tensor, xs: torch.Tensor, dy: torch.Tensor, spans, 
 
 
 def _expert_sums(tiles, first: list[int], n_tiles: list[int]) -> list[torch.Tensor]:
-    """Each expert's dW (N, K) in FP32 from the token tiles (dy's and x's values and scales, :func:`_tile_products`):
-    its tiles' products summed tile by tile from zero, in ``fp8_gemm_ref``'s order."""
+    """Each expert's dW (N, K) in FP32 from the token tiles (dy's and x's values and scales,
+    :func:`_expert_token_tiles`): its tiles' products summed tile by tile from zero, in ``fp8_gemm_ref``'s order."""
     dv, dts, xv, xts = tiles
     if cpu_kernels.serves(dv):
         parts = tile_bmm(dv, xv)  # (tiles, N, K), unscaled: the kernel scales and sums
-        return [cpu_kernels.tile_sum(parts[f:f + n], dts[f:f + n], xts[f:f + n], parts.new_empty(parts.shape[1:]))
-                for f, n in zip(first, n_tiles)]
+        out = parts.new_empty(len(first), *parts.shape[1:])  # one dW per kept expert
+        for j, (f, n) in enumerate(zip(first, n_tiles)):
+            cpu_kernels.tile_sum(parts[f:f + n], dts[f:f + n], xts[f:f + n], out[j])
+        return list(out.unbind(0))
     parts = tile_products_fp32(dv, dts, xv, xts)
     acc = parts[first].add_(0.0)  # tile by tile into each expert's FP32 sum
     for i in range(1, max(n_tiles)):
@@ -228,7 +230,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dws = [None] * len(spans)
             if not any(need):
                 return dws
-            tiles, first, n_tiles = _tile_products(xd, xs, dy2, spans, need, bs)  # dy's and x's token tiles
+            tiles, first, n_tiles = _expert_token_tiles(xd, xs, dy2, spans, need, bs)  # dy's and x's token tiles
             sums = _expert_sums(tiles, first, n_tiles)
             for j, e in enumerate(e for e in range(len(spans)) if need[e]):
                 dws[e] = sums[j].to(w_dtype)
