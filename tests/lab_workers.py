@@ -1,14 +1,10 @@
 """Workers for tests/test_lab.py (chapter 6): spawned children import them from here."""
 
-import torch
 import torch.distributed as dist
 
-from dsv3lib.data import batches, load_corpus
 from dsv3lib.lab.serve import load_for_serving, serve
-from dsv3lib.lab.train import LabConfig, mtp_lambda_at, run
-from dsv3lib.model import Transformer
+from dsv3lib.lab.train import LabConfig, reference_first_loss, run
 from dsv3lib.parallel.launch import heartbeat
-from dsv3lib.parallel.stages import reference_step
 
 __all__ = ["first_step", "train", "serve_tokens"]
 
@@ -41,16 +37,7 @@ def _first_step(rank: int, world: int, kw: dict) -> dict:
     hist = run(cfg)
     if rank != 0:
         return {}
-    torch.manual_seed(cfg.seed)
-    ref = Transformer(cfg.model_config())
-    if cfg.fp8:
-        from dsv3lib.fp8 import convert_to_fp8
-
-        convert_to_fp8(ref)
-    n_replicas = world // cfg.pp
-    x, y = next(batches(load_corpus().train, n_replicas * cfg.n_micro * cfg.micro_rows, cfg.seq_len, seed=cfg.seed))
-    ref_loss = reference_step(ref, x, y, n_replicas * cfg.n_micro, mtp_lambda_at(0, cfg.steps))
-    return {"loss": hist.loss[0], "ref_loss": ref_loss.item()}
+    return {"loss": hist.loss[0], "ref_loss": reference_first_loss(cfg, world)}
 
 
 def serve_tokens(rank: int, world: int, ckpt: str, prompt: str, n: int, mtp: bool, sampling: dict | None = None) -> list:

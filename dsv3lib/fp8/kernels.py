@@ -53,7 +53,9 @@ def _round_e4m3(y):
         q = libdevice.rint(q)  # round half to even
     else:
         q = (q + 12582912.0) - 12582912.0  # the same in plain float32: 1.5·2^23 pushes the fraction out
-    return tl.where(y < 0, -q, q) * ulp  # sign applied after rounding, so -0.3·ulp gives -0 like torch
+    # the sign goes back on after rounding as a bit, so -0.3·ulp gives -0 like torch (Triton 3.6 compiles -q as
+    # 0 - q, which gives +0); (bits >> 31) << 31 is 0x80000000 for a negative y, else 0
+    return ((q * ulp).to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

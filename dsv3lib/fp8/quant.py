@@ -152,12 +152,21 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, codes.int()).view(q.shape)
 
 
+def _cpu_cast_saturates() -> bool:
+    """Whether this torch's CPU cast to E4M3 clamps overflow to ±448 (2.13 does; 2.11 gives NaN from ±464)."""
+    return torch.tensor([1e30, -float("inf")]).to(FP8_DTYPE).float().tolist() == [FP8_MAX, -FP8_MAX]
+
+
+_CPU_CAST_SATURATES = _cpu_cast_saturates()
+
+
 def _cast(x: torch.Tensor) -> torch.Tensor:
     """Round a temporary FP32 tensor to E4M3 (nearest even), saturating at ±448; contiguous whatever x's strides.
 
-    torch's CPU cast saturates by itself (tests/test_fp8_quant.py checks it); elsewhere clamp first, in place.
+    torch's CPU cast saturates by itself in the pinned torch (tests/test_fp8_quant.py checks the probe); elsewhere,
+    and with a torch whose CPU cast does not, clamp first, in place.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not _CPU_CAST_SATURATES:
         x = x.clamp_(-FP8_MAX, FP8_MAX)
     return x.to(FP8_DTYPE) if x.is_contiguous() else x.to(FP8_DTYPE, memory_format=torch.contiguous_format)
 

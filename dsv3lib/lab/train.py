@@ -33,10 +33,11 @@ from ..parallel.launch import device
 from ..parallel.layout import ParallelLayout
 from ..parallel.parallelize import ParallelRunner, parallelize
 from ..parallel.schedules import make_schedule
+from ..parallel.stages import reference_step
 from ..train import TrainConfig, evaluate, lr_at
 from . import shards
 
-__all__ = ["LabConfig", "mtp_lambda_at", "run"]
+__all__ = ["LabConfig", "mtp_lambda_at", "reference_first_loss", "run"]
 
 MTP_SWITCH = 10.0 / 14.8  # V3 §4.2: λ = 0.3 for the first 10T tokens of 14.8T, then 0.1
 
@@ -116,6 +117,23 @@ class LabHistory:
 def mtp_lambda_at(step: int, steps: int) -> float:
     """V3's MTP loss weight scaled to a run of ``steps``: 0.3, then 0.1 for the last 4.8/14.8 of the steps."""
     return 0.3 if step < math.ceil(MTP_SWITCH * steps) else 0.1
+
+
+def reference_first_loss(cfg: LabConfig, world: int, on: torch.device | str = "cpu") -> float:
+    """The loss of :func:`run`'s first step as one process computes it on ``on``, with no parallelism: the same
+    seeded model (FP8 linears if ``cfg.fp8``) and the same first global batch (``world // pp`` replicas' micro-
+    batches). With ``bitwise=True`` the lab's first loss on the CPU equals it bit for bit (tests/test_lab.py);
+    on GPUs under NCCL, to rounding (bench/nccl_check.py)."""
+    torch.manual_seed(cfg.seed)
+    ref = Transformer(cfg.model_config())
+    if cfg.fp8:
+        from ..fp8 import convert_to_fp8
+
+        convert_to_fp8(ref)
+    ref = ref.to(on)
+    n_micro = world // cfg.pp * cfg.n_micro
+    x, y = next(batches(load_corpus().train, n_micro * cfg.micro_rows, cfg.seq_len, seed=cfg.seed))
+    return reference_step(ref, x.to(on), y.to(on), n_micro, mtp_lambda_at(0, cfg.steps)).item()
 
 
 def _rank_gates(runner: ParallelRunner) -> torch.nn.ModuleList:
