@@ -1,6 +1,6 @@
 """Every GPU benchmark of the book in one run: one table, one JSON file.
 
-    python -m bench                    # on one CUDA GPU (goals are for an H200); about 5 minutes
+    python -m bench                    # on one CUDA GPU (goals are for an H200; meant to finish within 8 minutes)
     python -m bench --only fp8,mla     # some sections: fp8, mla, moe, mtp
     python -m bench --dry-run          # on the CPU: tiny shapes, Triton kernels in its interpreter, no goals judged
 

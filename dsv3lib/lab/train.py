@@ -125,12 +125,11 @@ def reference_first_loss(cfg: LabConfig, world: int, on: torch.device | str = "c
     batches). With ``bitwise=True`` the lab's first loss on the CPU equals it bit for bit (tests/test_lab.py);
     on GPUs under NCCL, to rounding (bench/nccl_check.py)."""
     torch.manual_seed(cfg.seed)
-    ref = Transformer(cfg.model_config())
+    ref = Transformer(cfg.model_config()).to(on)  # built, moved, then converted: as run() and parallelize() do
     if cfg.fp8:
         from ..fp8 import convert_to_fp8
 
         convert_to_fp8(ref)
-    ref = ref.to(on)
     n_micro = world // cfg.pp * cfg.n_micro
     x, y = next(batches(load_corpus().train, n_micro * cfg.micro_rows, cfg.seq_len, seed=cfg.seed))
     return reference_step(ref, x.to(on), y.to(on), n_micro, mtp_lambda_at(0, cfg.steps)).item()
