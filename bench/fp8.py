@@ -122,6 +122,8 @@ def gemm_row(kernels, timer: Timer, M: int, N: int, K: int, judge: bool) -> Row:
             row.peers[name] = None
             row.notes.append(f"{name} n/a: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
     row.set_ratio()
+    best = getattr(getattr(kernels, "fp8_gemm_kernel", None), "best_config", None)  # the autotuner's choice
+    row.extra["config"] = str(best) if best is not None else None
     for peer in ("bf16", "blockwise"):
         if row.peers.get(peer):
             row.extra[f"vs_{peer}"] = row.ours / row.peers[peer]
