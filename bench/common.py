@@ -41,7 +41,7 @@ class Timer:
     before each run; falls back to events without Triton). On the CPU (dry runs): one warm-up call, then
     ``reps`` timed calls with ``time.perf_counter``."""
 
-    def __init__(self, device: torch.device, *, warmup_ms: int = 25, rep_ms: int = 100, reps: int = 3):
+    def __init__(self, device: torch.device, *, warmup_ms: int = 25, rep_ms: int = 100, reps: int = 5):
         self.device, self.warmup_ms, self.rep_ms, self.reps = device, warmup_ms, rep_ms, reps
 
     def __call__(self, fn: Callable[[], object]) -> float:

@@ -4,7 +4,9 @@ DeepSeek-V2-Lite-like layer: 8,192 tokens, dim 2048, 64 routed experts, top-6, e
 Routing is computed once (by the layer's own gate) and held fixed; what is timed is the expert part:
 dispatch (sort), three SwiGLU GEMMs per expert, weighting and combine. Paths:
 
-  library grouped  MoE.routed_grouped: tokens sorted by expert, all experts in three torch._grouped_mm calls
+  library grouped  MoE.routed_grouped after MoE.pack_experts: tokens sorted by expert, all experts in three
+                   torch._grouped_mm calls reading each projection's packed (E, ·, ·) weight buffer in place
+  grouped, stacks  the same without packing: the experts' weights are stacked (copied) on every call
   library sorted   MoE.routed: the same sort, one call per expert on a contiguous slice
   per-expert loop  peer: for each expert, find its tokens with a mask, run it, index_add back
   sort + grouped   peer: weights pre-stacked as (E, ·, ·) parameters, sort + torch._grouped_mm (torchtitan)
@@ -81,7 +83,8 @@ def measure(timer: Timer, tokens: int, dim: int, experts: int, topk: int, width:
     with torch.no_grad():
         moe32.gate.weight.normal_(std=0.02)
     moe32 = moe32.to(device)
-    moe = copy.deepcopy(moe32).to(dtype)
+    stacking = copy.deepcopy(moe32).to(dtype)
+    moe = copy.deepcopy(stacking).pack_experts()
     peer = GroupedPeer(moe).to(device)
     x = torch.randn(tokens, dim, device=device).to(dtype)
     with torch.no_grad():
@@ -94,6 +97,7 @@ def measure(timer: Timer, tokens: int, dim: int, experts: int, topk: int, width:
 
     paths = {
         "library grouped": lambda x: moe.routed_grouped(x, weights, indices),
+        "grouped, stacks": lambda x: stacking.routed_grouped(x, weights, indices),
         "library sorted": lambda x: moe.routed(x, weights, indices),
         "per-expert loop": lambda x: loop_peer(moe, x, weights, indices),
         "sort+grouped_mm": lambda x: peer(x, weights, indices),
@@ -116,6 +120,7 @@ def measure(timer: Timer, tokens: int, dim: int, experts: int, topk: int, width:
     row.peers = {k: fwd[k] for k in ("sort+grouped_mm", "per-expert loop")}
     row.set_ratio()
     row.extra.update(fwd_tflops=fwd, fwd_bwd_tflops=fwd_bwd,
+                     packing_speedup=fwd["library grouped"] / fwd["grouped, stacks"],
                      fwd_bwd_vs_grouped_mm=fwd_bwd["library grouped"] / fwd_bwd["sort+grouped_mm"])
     if judge:
         row.met = row.ours / row.peers["sort+grouped_mm"] >= 1.0

@@ -234,6 +234,14 @@ def _check_finite(label: str, t: torch.Tensor, where: str) -> torch.Tensor:
     return t
 
 
+def _own_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, on the CPU, contiguous and in a storage of its own: safetensors refuses tensors that share
+    memory (a packed MoE's expert weights are slices of one buffer, :meth:`MoE.pack_experts`). Copies only
+    where one of those does not already hold."""
+    t = t.detach().cpu().contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def _check_load_args(device, dtype) -> torch.device:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
                                   and dtype.itemsize >= 2):
@@ -340,7 +348,7 @@ def _model_meta(model: Transformer, extra: dict | None) -> dict[str, Any]:
 
 def _write_model(model: Transformer, tmp: Path, meta: dict[str, Any]) -> None:
     aliases = _aliases(model)
-    tensors = {n: _check_finite(n, t.detach().cpu().contiguous(), "refusing to save it")
+    tensors = {n: _check_finite(n, _own_cpu(t), "refusing to save it")
                for n, t in model.state_dict().items() if n not in aliases}
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     _write_json(tmp / CONFIG, meta)

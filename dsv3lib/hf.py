@@ -45,6 +45,7 @@ from .checkpoint import (
     _checkpoint_dir,
     _materialise,
     _need,
+    _own_cpu,
     _read_json,
     _reading,
     _skeleton,
@@ -144,7 +145,7 @@ def save_hf(model: Transformer, directory: str | os.PathLike, *, fp8: bool = Fal
     hf_cfg = cfg.to_hf_config()  # first: raises for what config.json cannot express
     tensors: dict[str, torch.Tensor] = {}
     for name, t in [(n, t) for n, t in model.state_dict().items() if n not in aliases]:
-        hf, t = hf_name(name, cfg.n_layers), t.detach().cpu().contiguous()
+        hf, t = hf_name(name, cfg.n_layers), _own_cpu(t)
         _check_finite(hf, t, "refusing to save it")
         quantised = weight_quant_ref(t, block, name=hf) if fp8 and _fp8_target(hf) else (t,)
         tensors.update(zip([hf, hf + "_scale_inv"], quantised))

@@ -14,12 +14,14 @@ from dsv3lib.parallel.stages import build_stages
 from dsv3lib.parallel.weight_grad import WeightGradStore
 
 
-def _stage(*, fp8=False, grouped=False):
+def _stage(*, fp8=False, grouped=False, packed=False):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", n_layers=4, n_mtp_modules=0, max_seq_len=32))
     for m in model.modules():
         if isinstance(m, MoE):
             m.grouped_mm = grouped
+            if packed:
+                m.pack_experts()
     if fp8:
         convert_to_fp8(model)
     return build_stages(model, 2)[1]  # the last stage: two MoE layers, norm, head
@@ -95,9 +97,11 @@ def test_fp8_linears_defer_their_wgrad():
     _same_grads(got, ref, exact=fp8)
 
 
-def test_grouped_experts_defer_their_wgrad():
-    """``grouped_mm = True`` multiplies stacked expert weights (torch._grouped_mm): their dW wait for W too."""
-    st = _stage(grouped=True)
+@pytest.mark.parametrize("packed", [False, True], ids=["stacked", "packed"])
+def test_grouped_experts_defer_their_wgrad(packed):
+    """``grouped_mm = True`` multiplies stacked expert weights (torch._grouped_mm): their dW wait for W too,
+    whether the weights are stacked per call or packed in one buffer (MoE.pack_experts)."""
+    st = _stage(grouped=True, packed=packed)
     experts = {n for n, _ in st.named_parameters() if ".experts." in n}
     ref, after_b, got, _ = _b_then_w(st)
     assert experts <= set(ref) and not experts & set(after_b)  # idle experts get zeros, as in autograd

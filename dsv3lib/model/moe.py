@@ -28,7 +28,7 @@ from ..fp8.grouped import grouped_experts
 from ..wgrad import accumulate, current_sink
 from .dtypes import keep_dtype
 
-__all__ = ["MLP", "Routing", "Gate", "MoE", "sort_by_expert", "combine"]
+__all__ = ["MLP", "Routing", "Gate", "MoE", "sort_by_expert", "combine", "stacked_view"]
 
 
 class MLP(nn.Module):
@@ -123,6 +123,22 @@ class MoE(nn.Module):
         )
         self.grouped_mm = False  # forward through routed_grouped instead of routed
 
+    def pack_experts(self) -> MoE:
+        """Store each projection's routed-expert weights (all w1, all w2, all w3) in one (E, out, in) buffer, every
+        expert's weight a slice of it, so :meth:`routed_grouped` hands the grouped GEMMs a view of the buffer
+        instead of stacking (copying) every expert weight on every call (bench/README.md weighs that copy against
+        the GEMMs). The parameters stay the same objects with the same values and
+        gradients; what moves them (``.to``, ``copy.deepcopy``) gives each its own storage again, and the path
+        then stacks as before until packed again. Returns the module."""
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                params = [getattr(e, name).weight for e in self.experts]
+                if params and stacked_view(params) is None:
+                    buffer = torch.stack([p.detach() for p in params])
+                    for p, part in zip(params, buffer.unbind(0)):
+                        p.data = part
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         routing = self.gate(x)
@@ -145,9 +161,9 @@ class MoE(nn.Module):
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`routed`, with every expert's w1, w3 and w2 applied as three grouped GEMMs
         (``torch._grouped_mm`` over the expert-sorted rows, group boundaries ``offs``). The expert weights
-        are stacked on each call, so gradients still reach each expert's own Linear (under a zero-bubble
-        capture they wait for ``W``, as linear layers' do). CUDA needs bf16 and sm90+; the CPU kernel takes
-        float32 too."""
+        are stacked on each call unless :meth:`pack_experts` has put them in one buffer; either way gradients
+        reach each expert's own Linear (under a zero-bubble capture they wait for ``W``, as linear layers' do).
+        CUDA needs bf16 and sm90+; the CPU kernel takes float32 too."""
         order, token_of, counts = sort_by_expert(indices, len(self.experts))
         offs = counts.cumsum(0).to(torch.int32)  # group ends
         xs = x[token_of]  # (N·topk, dim), grouped by expert
@@ -175,23 +191,40 @@ def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token
     return out.new_zeros(weights.size(0), out.size(-1)).index_add_(0, token_of, out)
 
 
+def stacked_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (E, out, in) view of ``weights`` when they are consecutive slices of one buffer (as
+    :meth:`MoE.pack_experts` leaves them), detached from autograd; ``None`` when they are not."""
+    w0 = weights[0]
+    if w0.dim() != 2 or not w0.is_contiguous():
+        return None
+    n, ptr, start = w0.numel(), w0.untyped_storage().data_ptr(), w0.storage_offset()
+    for e, w in enumerate(weights):
+        if (w.shape != w0.shape or w.dtype != w0.dtype or w.device != w0.device or not w.is_contiguous()
+                or w.untyped_storage().data_ptr() != ptr or w.storage_offset() != start + e * n):
+            return None
+    return w0.detach().as_strided((len(weights), *w0.shape), (n, w0.shape[1], 1))
+
+
 def _grouped_linear(x: torch.Tensor, weights: list, offs: torch.Tensor) -> torch.Tensor:
     """Rows of group e (ending at ``offs[e]``) times expert e's ``weights[e]``ᵀ (out, in): one grouped GEMM.
-    While a weight-gradient sink is set (a zero-bubble pipeline's forward, :mod:`dsv3lib.wgrad`), the
-    experts' dW may wait for the ``W`` op."""
+    Packed weights (:meth:`MoE.pack_experts`) are read in place; otherwise they are stacked. While a
+    weight-gradient sink is set (a zero-bubble pipeline's forward, :mod:`dsv3lib.wgrad`), the experts' dW may
+    wait for the ``W`` op."""
     sink = current_sink()
-    if sink is None:
-        return torch._grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)
-    return _DeferredGroupedLinear.apply(x, offs, sink, *weights)
+    if sink is None and stacked_view(weights) is None:
+        return torch._grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)  # autograd does the rest
+    return _GroupedLinear.apply(x, offs, sink, *weights)
 
 
-class _DeferredGroupedLinear(torch.autograd.Function):
-    """:func:`_grouped_linear` whose backward computes dX now and can push the per-expert dW to a sink;
-    the same GEMMs autograd runs for ``torch._grouped_mm`` (so the same bits, deferred or not)."""
+class _GroupedLinear(torch.autograd.Function):
+    """:func:`_grouped_linear` with its own backward: dX now; the per-expert dW now or, with a sink, pushed to
+    it. The same GEMMs autograd runs for ``torch._grouped_mm`` over stacked weights (so the same bits, packed
+    or not, deferred or not: tests/test_moe.py, tests/test_weight_grad.py)."""
 
     @staticmethod
     def forward(ctx, x, offs, sink, *weights):
-        w = torch.stack(weights)  # (E, out, in)
+        w = stacked_view(weights)
+        w = torch.stack(weights) if w is None else w  # (E, out, in)
         ctx.save_for_backward(x, offs, w)
         ctx.sink, ctx.weights = sink, weights
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # (rows, out)
@@ -211,6 +244,6 @@ class _DeferredGroupedLinear(torch.autograd.Function):
                 if n:
                     accumulate(p, g)
 
-        if not any(need) or ctx.sink.push(later):
+        if not any(need) or (ctx.sink is not None and ctx.sink.push(later)):
             return (dx, None, None) + (None,) * len(weights)
         return (dx, None, None) + tuple(g if n else None for g, n in zip(grads(), need))
