@@ -10,6 +10,7 @@ import torch
 from model_helpers import ATOL, make_moe, small, tiny
 
 from dsv3lib import checkpoint
+from dsv3lib.hf import load_hf, save_hf
 from dsv3lib.model import MoE, Transformer
 from dsv3lib.model.moe import stacked_view
 
@@ -96,5 +97,8 @@ def test_a_packed_model_saves_and_loads(tmp_path):
     checkpoint.save(model, tmp_path / "ckpt")  # safetensors refuses shared storage: slices are copied out
     back = checkpoint.load(tmp_path / "ckpt")
     got, want = back.state_dict(), model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    save_hf(model, tmp_path / "hf")  # the Hugging Face layout too
+    got = load_hf(tmp_path / "hf").state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert all(stacked_view(_weights(m, "w1")) is not None for m in moes)  # saving left the buffers alone
