@@ -119,7 +119,7 @@ def _cmd(*args: str) -> str | None:
         out = subprocess.run(args, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def environment(device: torch.device) -> dict[str, object]:

@@ -23,7 +23,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `bench` and `dsv3lib` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Row, print_table  # noqa: E402
+from bench.common import Row, Timer, print_table  # noqa: E402
 
 
 def _timed(fn, device):
@@ -97,8 +97,10 @@ def measure(model, device: torch.device, prompts: int, prompt_len: int, new_toke
     return rows
 
 
-def section(device: torch.device, dry: bool) -> list[Row]:
-    """The MTP rows: the chapter's tiny model trained for 400 steps (a dry run: 30 steps, short prompts)."""
+def section(timer: Timer, dry: bool) -> list[Row]:
+    """The MTP rows on ``timer``'s device (decoding is timed whole, by wall clock): the chapter's tiny model
+    trained for 400 steps (a dry run: 30 steps, short prompts)."""
+    device = timer.device
     model, label = trained_model(device, steps=30 if dry else 400)
     rows = measure(model, device, prompts=1 if dry else 6, prompt_len=16 if dry else 32,
                    new_tokens=12 if dry else 160, label=label)

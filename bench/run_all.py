@@ -25,6 +25,7 @@ until the last), so a run stopped part-way keeps what it measured. The sections 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -47,20 +48,6 @@ def _parse(argv):
     if bad or not args.only:
         p.error(f"--only: unknown section(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SECTIONS)}")
     return args
-
-
-def _run_section(name: str, timer, dry: bool):
-    if name == "fp8":
-        from bench import fp8
-        return fp8.section(timer, dry)
-    if name == "mla":
-        from bench import mla
-        return mla.section(timer, dry)
-    if name == "moe":
-        from bench import moe
-        return moe.section(timer, dry)
-    from bench import mtp
-    return mtp.section(timer.device, dry)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"[{name}] ...", flush=True)
         try:
-            got = _run_section(name, timer, args.dry_run)
+            got = importlib.import_module(f"bench.{name}").section(timer, args.dry_run)  # bench/fp8.py, ...
         except Exception as e:  # noqa: BLE001 - one broken section must not cost the others' numbers
             traceback.print_exc()
             got = [Row(name, "-", "-", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]

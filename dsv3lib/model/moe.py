@@ -127,9 +127,9 @@ class MoE(nn.Module):
         """Store each projection's routed-expert weights (all w1, all w2, all w3) in one (E, out, in) buffer, every
         expert's weight a slice of it, so :meth:`routed_grouped` hands the grouped GEMMs a view of the buffer
         instead of stacking (copying) every expert weight on every call (bench/README.md weighs that copy against
-        the GEMMs). The parameters stay the same objects with the same values and
-        gradients; what moves them (``.to``, ``copy.deepcopy``) gives each its own storage again, and the path
-        then stacks as before until packed again. Returns the module."""
+        the GEMMs). The parameters stay the same objects with the same values and gradients; what moves them
+        (``.to``, ``copy.deepcopy``) gives each its own storage again, and the path then stacks as before until
+        packed again. Returns the module."""
         with torch.no_grad():
             for name in ("w1", "w2", "w3"):
                 params = [getattr(e, name).weight for e in self.experts]
@@ -210,21 +210,21 @@ def _grouped_linear(x: torch.Tensor, weights: list, offs: torch.Tensor) -> torch
     Packed weights (:meth:`MoE.pack_experts`) are read in place; otherwise they are stacked. While a
     weight-gradient sink is set (a zero-bubble pipeline's forward, :mod:`dsv3lib.wgrad`), the experts' dW may
     wait for the ``W`` op."""
-    sink = current_sink()
-    if sink is None and stacked_view(weights) is None:
+    sink, packed = current_sink(), stacked_view(weights)
+    if sink is None and packed is None:
         return torch._grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)  # autograd does the rest
-    return _GroupedLinear.apply(x, offs, sink, *weights)
+    return _GroupedLinear.apply(x, offs, sink, packed, *weights)
 
 
 class _GroupedLinear(torch.autograd.Function):
     """:func:`_grouped_linear` with its own backward: dX now; the per-expert dW now or, with a sink, pushed to
     it. The same GEMMs autograd runs for ``torch._grouped_mm`` over stacked weights (so the same bits, packed
-    or not, deferred or not: tests/test_moe.py, tests/test_weight_grad.py)."""
+    or not, deferred or not: tests/test_moe_grouped.py, tests/test_weight_grad.py). ``packed``: the weights'
+    :func:`stacked_view`, or None to stack them."""
 
     @staticmethod
-    def forward(ctx, x, offs, sink, *weights):
-        w = stacked_view(weights)
-        w = torch.stack(weights) if w is None else w  # (E, out, in)
+    def forward(ctx, x, offs, sink, packed, *weights):
+        w = torch.stack(weights) if packed is None else packed  # (E, out, in)
         ctx.save_for_backward(x, offs, w)
         ctx.sink, ctx.weights = sink, weights
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # (rows, out)
@@ -233,7 +233,7 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, offs, w = ctx.saved_tensors
         dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None  # (rows, in)
-        need = ctx.needs_input_grad[3:]
+        need = ctx.needs_input_grad[4:]
         weights = ctx.weights
 
         def grads():  # dW_e = dy_eᵀ x_e for every expert (zeros for an idle one), (E, out, in)
@@ -245,5 +245,5 @@ class _GroupedLinear(torch.autograd.Function):
                     accumulate(p, g)
 
         if not any(need) or (ctx.sink is not None and ctx.sink.push(later)):
-            return (dx, None, None) + (None,) * len(weights)
-        return (dx, None, None) + tuple(g if n else None for g, n in zip(grads(), need))
+            return (dx, None, None, None) + (None,) * len(weights)
+        return (dx, None, None, None) + tuple(g if n else None for g, n in zip(grads(), need))
